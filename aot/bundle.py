@@ -1,0 +1,119 @@
+"""Bundles: a directory with model.pte, the tokenizer as given, and bundle.json saying exactly
+what went in. Written into a hidden temporary directory beside the target and renamed into place
+whole, so an interrupted or failed build never leaves a partial bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from aot.checkpoint import sha256_file
+from aot.errors import BundleError, OutputError
+
+BUNDLE_JSON = "bundle.json"
+BUNDLE_FORMAT = "aot-bundle"
+FORMAT_VERSION = 1
+PTE_NAME = "model.pte"
+
+
+class Staging:
+    """`with Staging(out, force) as s:` write into `s.dir`, then `s.commit(manifest)`.
+
+    Checks the target before any work starts (so a long build does not end in "exists"), and
+    removes the temporary directory on any exception, Ctrl-C included.
+    """
+
+    def __init__(self, out: Path, force: bool):
+        self.out = Path(out).expanduser().absolute()
+        self.force = force
+        self.dir: Path | None = None
+
+    def __enter__(self) -> "Staging":
+        out = self.out
+        if out.exists() or out.is_symlink():
+            if not self.force:
+                raise OutputError(f"--out {out} exists; pass --force to replace it, or choose another --out")
+            replaceable = out.is_dir() and not out.is_symlink()
+            if not (replaceable and (not any(out.iterdir()) or (out / BUNDLE_JSON).is_file())):
+                raise OutputError(
+                    f"--out {out} exists and is not an aot bundle; refusing to replace it even with --force"
+                )
+        parent = out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable --out") from None
+        return self
+
+    def commit(self, manifest: dict) -> dict:
+        """Hash the staged files into bundle.json, move the bundle into place; returns the manifest."""
+        assert self.dir is not None
+        files = {}
+        for f in sorted(self.dir.iterdir()):
+            files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        manifest = {**manifest, "files": files}
+        (self.dir / BUNDLE_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
+        if self.out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.rename(self.out, old / "bundle")
+        os.rename(self.dir, self.out)
+        self.dir = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        return False
+
+
+def read_bundle(path: Path) -> dict:
+    """bundle.json of a bundle directory (or of the directory holding a given model.pte)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.name != BUNDLE_JSON:
+        path = path.parent
+    if path.name == BUNDLE_JSON:
+        path = path.parent
+    file = path / BUNDLE_JSON
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle directory; give the folder `aot build --out` wrote")
+    if not file.is_file():
+        raise BundleError(f"{path}: no {BUNDLE_JSON} inside; is this a bundle from `aot build`?")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{file}: not readable JSON ({e}); rebuild the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{file}: not an {BUNDLE_FORMAT} manifest; rebuild the bundle")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(
+            f"{file}: format version {manifest.get('format_version')} is newer than this aot reads "
+            f"({FORMAT_VERSION}); upgrade aot"
+        )
+    return manifest
+
+
+def verify_bundle(path: Path) -> dict:
+    """Read and check every file's size and sha256; raise BundleError naming the first bad file."""
+    manifest = read_bundle(path)
+    root = Path(path).expanduser()
+    root = root if root.is_dir() else root.parent
+    files = manifest.get("files") or {}
+    if PTE_NAME not in files:
+        raise BundleError(f"{root / BUNDLE_JSON}: lists no {PTE_NAME}; rebuild the bundle")
+    for name, entry in files.items():
+        f = root / name
+        if Path(name).name != name:
+            raise BundleError(f"{root / BUNDLE_JSON}: file entry '{name}' is not a plain file name")
+        if not f.is_file():
+            raise BundleError(f"{f}: missing from the bundle; rebuild or re-copy it")
+        if f.stat().st_size != entry.get("bytes") or sha256_file(f) != entry.get("sha256"):
+            raise BundleError(f"{f}: sha256 does not match bundle.json (corrupt or modified); rebuild or re-copy it")
+    return manifest

@@ -1,0 +1,184 @@
+"""The `aot` command line. Thin: parse flags once into the config objects, call the library,
+render its result (a plain dict) as a table or as --json. Errors users can cause are AotError
+subclasses: one line on stderr and their exit code; tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from aot import __version__
+from aot.errors import EXIT_CODES, EXIT_INTERRUPTED, AotError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Ahead-of-time compiler for on-device LLMs: Llama 3.2 checkpoints to ExecuTorch bundles.",
+    epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on stderr).")
+DEBUG_OPT = typer.Option(False, "--debug", help="Show full tracebacks and library warnings.")
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    import torch  # noqa: F401  (torch configures its loggers on import; set levels after it)
+
+    # torchao logs a warning per optional CUDA extension it cannot load on a CPU machine.
+    for name in ("torchao", "torch", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def _command(as_json: bool, debug: bool):
+    """Run a command body: AotError -> one line + its exit code; Ctrl-C -> 130."""
+    _quiet_libraries(debug)
+    try:
+        yield
+    except AotError as e:
+        if debug:
+            raise
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}}))
+        err.print(f"[red]aot: error:[/red] {e}", soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("aot: interrupted; nothing was written")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _given(**kw) -> dict:
+    """Only the flags the user set: defaults live in the config dataclasses, nowhere else."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@app.command()
+def build(
+    out_dir: Path = typer.Option(..., "--out", help="Bundle directory to write (atomically)."),
+    model: Optional[str] = typer.Option(None, "--model", help="1b, 3b (or tiny, small). With --checkpoint: a check."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama 3.2 folder."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Untrained weights, for benchmarking only."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights [0]."),
+    delegate: Optional[str] = typer.Option(None, "--delegate", help="Backend: xnnpack [xnnpack]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none, bf16, 8da4w, 8da8w [8da4w]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="4-bit group: 32, 64, 128, 256 [32]."),
+    embedding_quant: Optional[str] = typer.Option(None, "--embedding-quant", help="none, 8, 4 [8 for 8da4w/8da8w]."),
+    embedding_group_size: Optional[int] = typer.Option(
+        None, "--embedding-group-size", help="0 = per-channel [0 for 8-bit, 32 for 4-bit]."
+    ),
+    output_quant: Optional[str] = typer.Option(None, "--output-quant", help="none, 8da8w, 8da4w [8da8w when quantized]."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prefill chunk [128]."),
+    max_context_len: Optional[int] = typer.Option(None, "--max-context-len", help="KV cache length [2048]."),
+    bos_id: Optional[int] = typer.Option(None, "--bos-id", help="Override the tokenizer's BOS id."),
+    eos_id: Optional[List[int]] = typer.Option(None, "--eos-id", help="Override EOS ids (repeatable)."),
+    full_logits: bool = typer.Option(False, "--full-logits", help="forward returns logits for every position."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Build a bundle (model.pte, tokenizer, bundle.json) from a checkpoint."""
+    with _command(as_json, debug):
+        from aot.config import BuildConfig
+        from aot.pipeline import build as run_build
+        from aot.progress import Stages
+        from aot.quant import QuantConfig
+
+        qcfg = QuantConfig(**_given(
+            scheme=quant, group_size=group_size, embedding=embedding_quant,
+            embedding_group_size=embedding_group_size, output=output_quant,
+        ))
+        cfg = BuildConfig(out=out_dir, quant=qcfg, random_weights=random_weights, full_logits=full_logits,
+                          force=force, **_given(
+            model=model, checkpoint=checkpoint, tokenizer=tokenizer, seed=seed, delegate=delegate,
+            max_seq_len=max_seq_len, max_context_len=max_context_len, bos_id=bos_id,
+            eos_ids=tuple(eos_id) if eos_id else None,
+        ))
+        result = run_build(cfg, Stages())
+        if as_json:
+            print(json.dumps({"ok": True, **result}))
+        else:
+            _print_bundle(result, verified=False)
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="Bundle directory (or its model.pte)."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Show a bundle's metadata, methods, sizes and delegation; verify every sha256."""
+    with _command(as_json, debug):
+        from aot.inspect import inspect_bundle
+
+        result = inspect_bundle(bundle)
+        if as_json:
+            print(json.dumps({"ok": True, **result}))
+        else:
+            _print_bundle(result, verified=True)
+
+
+@app.command()
+def doctor(as_json: bool = JSON_OPT, debug: bool = DEBUG_OPT):
+    """Versions, CPU features, and which delegates can run here (and why not)."""
+    with _command(as_json, debug):
+        from aot.doctor import diagnose
+
+        report = diagnose()
+        if as_json:
+            print(json.dumps({"ok": True, **report}))
+            return
+        for key, value in report["versions"].items():
+            out.print(f"{key:<12} {value}")
+        host = report["host"]
+        out.print(f"{'cpu':<12} {host['cpu']} ({host['cores']} cores, {host['arch']})")
+        out.print(f"{'features':<12} {', '.join(host['cpu_features']) or '-'}")
+        out.print(f"{'memory':<12} {host['memory_gib']} GiB")
+        out.print("delegates:")
+        for name, d in report["delegates"].items():
+            mark = "[green]ok[/green]" if d["available"] else "[red]no[/red]"
+            out.print(f"  {name:<10} {mark}  {d['reason']}")
+
+
+def _print_bundle(b: dict, verified: bool) -> None:
+    m = b["model"]
+    q = b["quant"]["plan"]
+    out.print(f"[bold]{b['path']}[/bold]" + ("  [green]sha256 ok[/green]" if verified else ""))
+    weights = "random weights" if m["random_weights"] else (b.get("checkpoint") or {}).get("path", "?")
+    out.print(f"  model     {m['name']} ({m['num_params'] / 1e6:.1f} M params) from {weights}")
+    recipe = ", ".join(f"{k} {v['bits']}-bit" + (f" g{v['group_size']}" if v["group_size"] else " per-channel")
+                       for k, v in (("linear", q["linear"]), ("embedding", q["embedding"]), ("output", q["output"])) if v)
+    out.print(f"  quant     {q['scheme']} ({recipe or q['dtype']})   delegate {b['delegate']}")
+    e = b["export"]
+    out.print(f"  lengths   max_seq_len {e['max_seq_len']}, max_context_len {e['max_context_len']}   "
+              f"bos {b['bos_id']} eos {b['eos_ids']}")
+    for name, f in b["files"].items():
+        out.print(f"  {name:<16} {f['bytes'] / 2**20:10.2f} MiB  sha256 {f['sha256'][:16]}")
+    for name, d in b["delegation"].items():
+        cpu = ", ".join(f"{op} x{n}" for op, n in d["cpu_ops"].items()) or "none"
+        out.print(f"  {name}: {d['delegated_ops']}/{d['total_ops']} ops delegated in "
+                  f"{d['delegated_subgraphs']} subgraphs; on CPU: {cpu}")
+    if "build" in b:
+        out.print(f"  built in {b['build']['total_seconds']:.1f} s, peak RSS {b['build']['peak_rss_mib'] / 1024:.2f} GiB")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

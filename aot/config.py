@@ -1,0 +1,84 @@
+"""The one build configuration that flows through every stage.
+
+The CLI (and, later, manifests) parse into `BuildConfig` once; its defaults live here only, and so
+do the rules that span fields, so library users get the same checks as the CLI. Every problem is
+collected and reported together in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aot.errors import ConfigError
+from aot.quant import QuantConfig
+
+DEFAULT_MAX_SEQ_LEN = 128  # longest prefill chunk one forward call takes
+DEFAULT_MAX_CONTEXT_LEN = 2048  # KV cache positions
+MAX_CONTEXT_LIMIT = 131_072  # Llama 3.2's trained context
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    out: Path
+    model: str | None = None
+    checkpoint: Path | None = None
+    tokenizer: Path | None = None
+    random_weights: bool = False
+    seed: int = 0
+    delegate: str = "xnnpack"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_context_len: int = DEFAULT_MAX_CONTEXT_LEN
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] | None = None
+    full_logits: bool = False
+    force: bool = False
+
+    def __post_init__(self):
+        errors = self.errors()
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    def errors(self) -> list[str]:
+        from aot.backends import BACKENDS
+        from aot.model import MODELS
+
+        errors = []
+        if self.model is not None and self.model not in MODELS:
+            errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join(MODELS)}")
+        if self.checkpoint is None and not self.random_weights:
+            errors.append(
+                "give --checkpoint DIR (a Meta or Hugging Face Llama 3.2 directory), or --model NAME "
+                "--random-weights to build untrained weights for benchmarking"
+            )
+        if self.checkpoint is not None and self.random_weights:
+            errors.append("--checkpoint and --random-weights exclude each other; drop one")
+        if self.random_weights and self.model is None:
+            errors.append("--random-weights needs --model NAME to know the architecture")
+        if self.delegate not in BACKENDS:
+            errors.append(f"unknown --delegate '{self.delegate}'; choose one of: {', '.join(sorted(BACKENDS))}")
+        elif self.quant.scheme not in BACKENDS[self.delegate].schemes:
+            errors.append(
+                f"--delegate {self.delegate} does not take --quant {self.quant.scheme}; "
+                f"choose one of: {', '.join(BACKENDS[self.delegate].schemes)}"
+            )
+        if not 1 <= self.max_seq_len <= self.max_context_len:
+            errors.append(
+                f"--max-seq-len must be between 1 and --max-context-len ({self.max_context_len}), "
+                f"but got {self.max_seq_len}"
+            )
+        if not 2 <= self.max_context_len <= MAX_CONTEXT_LIMIT:
+            errors.append(f"--max-context-len must be between 2 and {MAX_CONTEXT_LIMIT}, but got {self.max_context_len}")
+        if self.bos_id is not None and self.bos_id < 0:
+            errors.append(f"--bos-id must be >= 0, but got {self.bos_id}")
+        if self.eos_ids is not None and (not self.eos_ids or min(self.eos_ids) < 0):
+            errors.append(f"--eos-id must be one or more ids >= 0, but got {list(self.eos_ids)}")
+        return errors
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("out", "checkpoint", "tokenizer"):
+            d[key] = None if d[key] is None else str(d[key])
+        d["eos_ids"] = None if self.eos_ids is None else list(self.eos_ids)
+        return d

@@ -1,0 +1,28 @@
+"""`aot inspect`: a bundle's manifest, checked against its files and against the program itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aot.bundle import PTE_NAME, verify_bundle
+from aot.errors import BundleError
+
+
+def inspect_bundle(path: Path) -> dict:
+    from aot.runner.pte import PteProgram
+
+    manifest = verify_bundle(path)
+    root = Path(path).expanduser()
+    root = root if root.is_dir() else root.parent
+    program = PteProgram(root / PTE_NAME)
+    metadata = program.metadata()
+    recorded = manifest.get("metadata", {})
+    differing = [k for k in recorded if metadata.get(k) != recorded[k]]
+    if differing:
+        raise BundleError(
+            f"{root / PTE_NAME}: metadata {', '.join(differing)} differs from bundle.json; rebuild the bundle"
+        )
+    methods = {
+        name: program.method_meta(name) for name in program.method_names if name not in metadata
+    }
+    return {**manifest, "path": str(root), "program": {"methods": methods, "metadata": metadata}}

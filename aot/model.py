@@ -1,0 +1,260 @@
+"""Llama 3.2 text decoder, written to export: static KV cache, ExecuTorch's LLM custom ops.
+
+One idea here: the transformer. Hyperparameters live in `ModelArgs`, named sizes in `MODELS`.
+Layout is Meta's (interleaved rotary pairs), so Meta checkpoints load as they are and Hugging Face
+ones are permuted once at load time (see aot/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from aot.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """The "llama3" frequency scaling (Llama 3.1 uses factor 8, Llama 3.2 factor 32)."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_hidden: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500_000.0
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"`{name}` must be positive, but got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"`dim` ({self.dim}) must be a multiple of `n_heads` ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"`n_heads` ({self.n_heads}) must be a multiple of `n_kv_heads` ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, but got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def num_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_hidden
+        per_layer = attn + mlp + 2 * self.dim
+        out = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + out
+
+
+# Published Llama 3.2 text sizes (Meta params.json / HF config.json), plus tiny sizes for tests.
+MODELS: dict[str, ModelArgs] = {
+    "1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128_256, ffn_hidden=8192),
+    "3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128_256, ffn_hidden=8192),
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden=192),
+    "small": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4096, ffn_hidden=768),
+}
+
+
+def model_args(name: str) -> ModelArgs:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown --model '{name}'; choose one of: {', '.join(MODELS)}"
+        ) from None
+
+
+def rope_frequencies(args: ModelArgs, max_context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [max_context_len, head_dim // 2], float32."""
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if args.rope_scaling is not None:
+        freqs = _llama3_scale(freqs, args.rope_scaling)
+    angles = torch.outer(torch.arange(max_context_len, dtype=torch.float64), freqs)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def _llama3_scale(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    low_wavelen = s.original_context / s.low_freq_factor
+    high_wavelen = s.original_context / s.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * freqs / s.factor + smooth * freqs
+    out = torch.where(wavelen > low_wavelen, freqs / s.factor, blended)
+    return torch.where(wavelen < high_wavelen, freqs, out)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, S, H, D] with (real, imag) pairs interleaved along D; cos, sin: [S, D // 2]
+    xr, xi = x.float().reshape(x.shape[:-1] + (-1, 2)).unbind(-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, max_context_len: int, dtype: torch.dtype):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # k/v cache: [1, max_context_len, n_kv_heads, head_dim]; the layout llama::update_cache and
+        # llama::custom_sdpa expect (sequence before heads). Not part of the checkpoint.
+        shape = (1, max_context_len, args.n_kv_heads, args.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def forward(self, x, start_pos: int, cos, sin):
+        # x: [1, S, dim]; start_pos: position of x[:, 0] in the cache
+        _, S, _ = x.shape
+        q = self.wq(x).view(1, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(1, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(1, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
+        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+        # custom_sdpa handles grouped-query heads and the causal mask from start_pos.
+        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+        return self.wo(y.view(1, S, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # up
+        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, max_context_len: int, dtype: torch.dtype):
+        super().__init__()
+        self.attention = Attention(args, max_context_len, dtype)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos: int, cos, sin):
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """forward(tokens [1, S] int64, input_pos [1] int64) -> logits.
+
+    Logits are [1, vocab] for the last position (what the LLM runners sample from), or
+    [1, S, vocab] with `full_logits` (for teacher-forced scoring).
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        max_context_len: int,
+        full_logits: bool = False,
+        cache_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        _load_custom_ops()
+        self.args, self.max_context_len, self.full_logits = args, max_context_len, full_logits
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, max_context_len, cache_dtype) for _ in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_frequencies(args, max_context_len)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+
+    def init_buffers(self) -> None:
+        """Fill buffers and re-tie weights after `to_empty()` (models are built on the meta device
+        so that loading a checkpoint never allocates a throwaway random init)."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_frequencies(self.args, self.max_context_len)
+        with torch.no_grad():
+            self.freqs_cos.copy_(cos)
+            self.freqs_sin.copy_(sin)
+        self.reset_cache()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        S = tokens.shape[1]
+        start_pos = input_pos[-1].item()
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + S <= self.max_context_len)
+        cos = self.freqs_cos.narrow(0, start_pos, S)
+        sin = self.freqs_sin.narrow(0, start_pos, S)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin)
+        if not self.full_logits:
+            h = h[:, -1, :]
+        return self.output(self.norm(h))
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.k_cache.zero_()
+            layer.attention.v_cache.zero_()
+
+
+def _load_custom_ops() -> None:
+    # Registers llama::update_cache / llama::custom_sdpa (eager kernels and export meta functions).
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+def random_init_(model: Transformer, seed: int) -> None:
+    """Deterministic random weights (for benchmarking builds; never for accuracy claims)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)

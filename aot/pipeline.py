@@ -1,0 +1,305 @@
+"""`aot build`: load -> quantize -> export -> lower -> serialize -> write bundle.
+
+Each stage is a plain function; `build` reads top to bottom. The model family yields methods
+(aot/methods.py); export, lowering and bundling work on that set and never branch on the model.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from aot import __version__
+from aot.backends import Backend, get_backend
+from aot.bundle import BUNDLE_FORMAT, FORMAT_VERSION, PTE_NAME, Staging
+from aot.checkpoint import Checkpoint, load_weights, open_checkpoint, sha256_file
+from aot.config import BuildConfig
+from aot.errors import BuildError, CheckpointError, ConfigError
+from aot.methods import export_methods, text_methods
+from aot.model import MODELS, ModelArgs, Transformer, random_init_
+from aot.progress import Stages
+from aot.quant import QuantPlan, apply_plan
+from aot.tokenizer import LLAMA3_BOS, LLAMA3_EOS, TokenizerInfo, find_tokenizer, tokenizer_info
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the build reads: architecture, weights (or none: random), tokenizer, special ids."""
+
+    args: ModelArgs
+    model_name: str  # registry name whose sizes match, or "custom"
+    checkpoint: Checkpoint | None
+    tokenizer: TokenizerInfo | None
+    bos_id: int
+    eos_ids: tuple[int, ...]
+
+
+def build(cfg: BuildConfig, stages: Stages) -> dict:
+    """Build the bundle `cfg` describes; returns its bundle.json content."""
+    backend = get_backend(cfg.delegate)
+    backend.require()
+    plan = cfg.quant.plan()
+    with Staging(cfg.out, cfg.force) as staging:
+        with stages.stage("resolve"):
+            src = resolve_source(cfg, plan)
+        with stages.stage("hash inputs"):
+            inputs = hash_inputs(src)
+        with stages.stage("load", "random weights" if cfg.random_weights else src.checkpoint.layout):
+            model = load_model(src, cfg)
+        with stages.stage("quantize", plan.scheme):
+            apply_plan(model, plan)
+        methods = text_methods(model, cfg.max_seq_len)
+        signatures = {m.name: m.signature for m in methods}
+        with stages.stage("export", ", ".join(signatures)):
+            programs = export_methods(methods)
+        del model, methods
+        metadata = runner_metadata(src, cfg)
+        with stages.stage("lower", backend.name):
+            edge = lower(programs, backend, plan, metadata)
+        del programs
+        with stages.stage("serialize"):
+            program = to_executorch(edge)
+            del edge
+            delegation = delegation_report(program)
+            with open(staging.dir / PTE_NAME, "wb") as f:
+                program.write_to_file(f)
+        del program
+        if src.tokenizer is not None:
+            shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
+        manifest = bundle_manifest(cfg, src, plan, inputs, signatures, metadata, delegation, stages)
+        manifest = staging.commit(manifest)
+    return {**manifest, "path": str(staging.out)}
+
+
+# ---- resolve --------------------------------------------------------------------------------
+
+
+def resolve_source(cfg: BuildConfig, plan: QuantPlan) -> Source:
+    ckpt = open_checkpoint(cfg.checkpoint) if cfg.checkpoint is not None else None
+    if ckpt is not None:
+        args = ckpt.args
+        if cfg.model is not None:
+            _check_model_matches(cfg.model, args, ckpt.path)
+    else:
+        args = MODELS[cfg.model]
+    name = next((n for n, a in MODELS.items() if _arch_diff(a, args) == []), "custom")
+    tok_path = find_tokenizer(ckpt.path if ckpt else None, cfg.tokenizer)
+    tok = tokenizer_info(tok_path, ckpt.path if ckpt and ckpt.layout == "hf" else None) if tok_path else None
+
+    errors = plan.check_dims(args.dim, args.ffn_hidden)
+    if tok is not None and tok.vocab_size > args.vocab_size:
+        raise CheckpointError(
+            f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab is {args.vocab_size}; "
+            "is it the tokenizer of another model?"
+        )
+    bos = cfg.bos_id if cfg.bos_id is not None else (tok.bos_id if tok else None)
+    eos = cfg.eos_ids if cfg.eos_ids is not None else (tok.eos_ids if tok else None)
+    if tok is None and args.vocab_size == MODELS["1b"].vocab_size:
+        bos = LLAMA3_BOS if bos is None else bos
+        eos = LLAMA3_EOS if eos is None else eos
+    if bos is None or eos is None:
+        errors.append("no tokenizer to take bos/eos ids from: pass --bos-id and --eos-id")
+    else:
+        bad = [i for i in (bos, *eos) if i >= args.vocab_size]
+        if bad:
+            errors.append(f"bos/eos id(s) {bad} are outside the model's vocab ({args.vocab_size}); fix --bos-id/--eos-id")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return Source(args, name, ckpt, tok, int(bos), tuple(int(e) for e in eos))
+
+
+_ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden")
+
+
+def _arch_diff(want: ModelArgs, got: ModelArgs) -> list[str]:
+    return [f"{f} {getattr(want, f)} vs {getattr(got, f)}" for f in _ARCH_FIELDS if getattr(want, f) != getattr(got, f)]
+
+
+def _check_model_matches(model: str, args: ModelArgs, path: Path) -> None:
+    diff = _arch_diff(MODELS[model], args)
+    if diff:
+        match = next((n for n, a in MODELS.items() if not _arch_diff(a, args)), None)
+        hint = f"use --model {match}" if match else "drop --model to take the checkpoint's own config"
+        raise ConfigError(
+            f"--model {model} does not match --checkpoint {path} ({', '.join(diff[:3])}); {hint}"
+        )
+
+
+def hash_inputs(src: Source) -> dict:
+    files = list(src.checkpoint.files()) if src.checkpoint else []
+    if src.tokenizer is not None:
+        files.append(src.tokenizer.path)
+    return {
+        str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)
+    }
+
+
+# ---- load -----------------------------------------------------------------------------------
+
+
+def load_model(src: Source, cfg: BuildConfig) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(src.args, cfg.max_context_len, full_logits=cfg.full_logits)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    if src.checkpoint is None:
+        random_init_(model, cfg.seed)
+    else:
+        load_weights(model, src.checkpoint)
+    return model.eval()
+
+
+# ---- lower and serialize --------------------------------------------------------------------
+
+
+def runner_metadata(src: Source, cfg: BuildConfig) -> dict:
+    """Constant methods ExecuTorch's LLM runners read (see LLAMA32.md)."""
+    return {
+        "get_max_seq_len": cfg.max_seq_len,
+        "get_max_context_len": cfg.max_context_len,
+        "get_vocab_size": src.args.vocab_size,
+        "get_n_layers": src.args.n_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": cfg.max_seq_len > 1,
+        "get_bos_id": src.bos_id,
+        "get_eos_ids": list(src.eos_ids),
+    }
+
+
+def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict):
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    try:
+        return to_edge_transform_and_lower(
+            programs,
+            partitioner={name: backend.partitioners(name, plan) for name in programs},
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=metadata,
+        )
+    except Exception as e:  # surface lowering failures as one line; --debug shows the traceback
+        raise BuildError(f"lowering to {backend.name} failed: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def to_executorch(edge):
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    try:
+        return edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                # Fuses torchao's dequantize + embedding into quantized_decomposed::embedding_*.
+                do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+    except Exception as e:
+        raise BuildError(f"serializing the program failed: {type(e).__name__}: {_first_line(e)}") from e
+
+
+# Graph bookkeeping that is not a kernel: Python scalar ops, shape queries, asserts, the memory
+# planner's alloc/view nodes.
+_NOT_OPS = ("getitem", "sym_size", "_assert_scalar", "_local_scalar_dense", "alloc", "view",
+            "add", "sub", "mul", "le", "ge", "lt", "gt", "eq", "floordiv", "executorch_prim")
+
+
+def _op_name(node) -> str | None:
+    name = str(node.target)
+    if name.startswith("<"):  # Python functions and edge ops print as <function alloc at 0x...>
+        name = getattr(node.target, "__name__", name)
+    if any(name == n or name.startswith((n + ".", "aten." + n + ".")) for n in _NOT_OPS):
+        return None
+    return re.sub(r"(\.out|_out|\.default)$", "", name)
+
+
+def delegation_report(et_program) -> dict:
+    """Per method: kernels run by the delegate vs on ExecuTorch's CPU kernels, by operator."""
+    report = {}
+    for name in et_program.methods:
+        gm = et_program.exported_program(name).graph_module
+        delegated, cpu, subgraphs = 0, {}, 0
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if "executorch_call_delegate" in str(node.target):
+                subgraphs += 1
+                inner = getattr(gm, node.args[0].target).original_module.graph.nodes
+                delegated += sum(1 for n in inner if n.op == "call_function" and _op_name(n))
+            elif (op := _op_name(node)) is not None:
+                cpu[op] = cpu.get(op, 0) + 1
+        report[name] = {
+            "delegated_ops": delegated,
+            "total_ops": delegated + sum(cpu.values()),
+            "delegated_subgraphs": subgraphs,
+            "cpu_ops": dict(sorted(cpu.items())),
+        }
+    return report
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+# ---- bundle.json ----------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    out = {"aot": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "executorch", "torchao"):
+        out[pkg] = version(pkg)
+    return out
+
+
+def bundle_manifest(cfg, src: Source, plan: QuantPlan, inputs, signatures, metadata, delegation, stages) -> dict:
+    ckpt = src.checkpoint
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": src.model_name,
+            "family": "llama3.2",
+            "args": src.args.to_dict(),
+            "num_params": src.args.num_params(),
+            "random_weights": cfg.random_weights,
+            "seed": cfg.seed if cfg.random_weights else None,
+        },
+        "checkpoint": None if ckpt is None else {"path": str(ckpt.path.absolute()), "layout": ckpt.layout},
+        "inputs": inputs,
+        "tokenizer": None if src.tokenizer is None else {
+            "file": src.tokenizer.path.name,
+            "kind": src.tokenizer.kind,
+            "vocab_size": src.tokenizer.vocab_size,
+        },
+        "quant": {**cfg.quant.to_dict(), "plan": plan.to_dict()},
+        "delegate": cfg.delegate,
+        "export": {
+            "methods": signatures,
+            "max_seq_len": cfg.max_seq_len,
+            "max_context_len": cfg.max_context_len,
+            "full_logits": cfg.full_logits,
+        },
+        "bos_id": src.bos_id,
+        "eos_ids": list(src.eos_ids),
+        "metadata": metadata,
+        "delegation": delegation,
+        "versions": versions(),
+        "build": {
+            "stages": [r.to_dict() for r in stages.records],
+            "total_seconds": round(stages.total_seconds, 3),
+            "peak_rss_mib": round(stages.peak_rss_mib, 1),
+            "config": cfg.to_dict(),
+        },
+    }

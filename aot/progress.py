@@ -1,0 +1,86 @@
+"""Per-stage wall time and peak RSS, shown as the build goes (rich on a terminal, plain lines
+otherwise, always on stderr so stdout stays clean for --json)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since the last reset_peak_rss(), in MiB."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole lifetime
+
+
+def reset_peak_rss() -> None:
+    # Writing 5 resets VmHWM to the current RSS (Linux >= 4.0), so each stage gets its own peak.
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float
+    peak_rss_mib: float
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seconds"], d["peak_rss_mib"] = round(self.seconds, 3), round(self.peak_rss_mib, 1)
+        return d
+
+
+class Stages:
+    """`with stages.stage("lower", "3 methods"):` times a stage and reports it when it ends."""
+
+    def __init__(self, quiet: bool = False, console: Console | None = None):
+        self.console = console or Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self.records: list[StageRecord] = []
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str, detail: str = ""):
+        reset_peak_rss()
+        start = time.perf_counter()
+        label = f"{name}{' (' + detail + ')' if detail else ''}"
+        if self.quiet:
+            yield
+        elif self.console.is_terminal:
+            with self.console.status(f"[bold]{label}[/bold] ..."):
+                yield
+        else:
+            print(f"[aot] {label} ...", file=sys.stderr, flush=True)
+            yield
+        record = StageRecord(name, time.perf_counter() - start, peak_rss_mib(), detail)
+        self.records.append(record)
+        if not self.quiet:
+            self.console.print(
+                f"[green]✓[/green] {label:<28} {record.seconds:8.1f} s   peak {record.peak_rss_mib / 1024:6.2f} GiB"
+            )
+
+    @property
+    def total_seconds(self) -> float:
+        return time.perf_counter() - self._t0
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return max((r.peak_rss_mib for r in self.records), default=peak_rss_mib())

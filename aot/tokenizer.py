@@ -1,0 +1,115 @@
+"""The bundle's tokenizer: found beside the checkpoint or given, loaded exactly as ExecuTorch's
+runners load it (pytorch-tokenizers' C++ classes), and the source of the bos/eos ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from aot.errors import CheckpointError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Llama 3 special tokens (tiktoken tokenizer.model): begin_of_text, end_of_text, eot_id.
+LLAMA3_BOS, LLAMA3_EOS = 128_000, (128_001, 128_009)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    path: Path
+    kind: str  # "hf-json" | "tiktoken" | "sentencepiece"
+    vocab_size: int
+    bos_id: int
+    eos_ids: tuple[int, ...]
+
+
+def find_tokenizer(checkpoint_dir: Path | None, given: Path | None) -> Path | None:
+    if given is not None:
+        given = Path(given).expanduser()
+        if not given.is_file():
+            raise CheckpointError(f"--tokenizer {given}: no such file; give tokenizer.json or tokenizer.model")
+        return given
+    if checkpoint_dir is None:
+        return None
+    for name in TOKENIZER_FILES:
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise CheckpointError(
+        f"--checkpoint {checkpoint_dir}: no tokenizer.json or tokenizer.model inside; pass --tokenizer FILE"
+    )
+
+
+def load_tokenizer(path: Path):
+    """(tokenizer, kind) using the classes ExecuTorch's C++ runner uses."""
+    with _native_stderr_silenced():  # the C++ library logs to fd 2 when it loads
+        from pytorch_tokenizers import CppHFTokenizer, CppSPTokenizer, CppTiktoken
+
+    candidates = [("hf-json", CppHFTokenizer)] if path.suffix == ".json" else [
+        ("tiktoken", CppTiktoken),
+        ("sentencepiece", CppSPTokenizer),
+    ]
+    for kind, cls in candidates:
+        try:
+            with _native_stderr_silenced():  # the C++ loaders log to fd 2 on every load
+                tok = cls()
+                tok.load(str(path))
+        except RuntimeError:
+            continue
+        if tok.is_loaded():
+            return tok, kind
+    raise CheckpointError(
+        f"{path}: not a tokenizer ExecuTorch's runner can load (tried {', '.join(k for k, _ in candidates)}); "
+        "give a Hugging Face tokenizer.json or a Llama 3 tokenizer.model"
+    )
+
+
+def tokenizer_info(path: Path, checkpoint_dir: Path | None) -> TokenizerInfo:
+    tok, kind = load_tokenizer(path)
+    bos, eos = tok.bos_tok(), [tok.eos_tok()]
+    gen = _generation_ids(checkpoint_dir) if checkpoint_dir is not None else {}
+    bos = gen.get("bos", bos)
+    if "eos" in gen:
+        eos = gen["eos"]
+    elif kind == "tiktoken":
+        # Meta layout has no generation_config: instruct turns end with <|eot_id|>.
+        eot = tok.encode("<|eot_id|>", 0, 0)
+        if len(eot) == 1 and eot[0] not in eos:
+            eos.append(eot[0])
+    return TokenizerInfo(path, kind, tok.vocab_size(), int(bos), tuple(int(e) for e in eos))
+
+
+def _generation_ids(checkpoint_dir: Path) -> dict:
+    """bos/eos from generation_config.json, else config.json (HF layout)."""
+    out: dict = {}
+    for name in ("config.json", "generation_config.json"):  # later files win
+        file = checkpoint_dir / name
+        if not file.is_file():
+            continue
+        try:
+            cfg = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: not readable JSON ({e})") from None
+        if isinstance(cfg.get("bos_token_id"), int):
+            out["bos"] = cfg["bos_token_id"]
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, int):
+            out["eos"] = [eos]
+        elif isinstance(eos, list) and eos and all(isinstance(e, int) for e in eos):
+            out["eos"] = list(eos)
+    return out
+
+
+@contextmanager
+def _native_stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,1 @@
+"""Loading and running bundles on this host through ExecuTorch's runtime."""

@@ -1,0 +1,128 @@
+"""Tiny checkpoints the tests write themselves: a random transformers Llama (GQA, llama3 rope
+scaling, tied embeddings) with a byte-level BPE tokenizer, in both Hugging Face and Meta layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from aot.checkpoint import permute_rotary, unpermute_rotary
+
+VOCAB = 512
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+BOS, EOS, EOT = 0, 1, 2
+
+
+def corpus_files() -> list[str]:
+    """Text present on every machine: the Python standard library's json package."""
+    import json as json_pkg
+
+    return sorted(str(p) for p in Path(json_pkg.__file__).parent.glob("*.py"))
+
+
+def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train(corpus_files(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL[0]} $A", special_tokens=[(SPECIAL[0], BOS)]
+    )
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    tok.save(str(path))
+    return path
+
+
+def hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=[EOS, EOT], initializer_range=0.1,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random LlamaForCausalLM saved with save_pretrained, plus tokenizer.json."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(**overrides)).eval()
+    model.save_pretrained(path)
+    GenerationConfig(bos_token_id=BOS, eos_token_id=[EOS, EOT]).save_pretrained(path)
+    write_tokenizer(path / "tokenizer.json")
+    return path
+
+
+def hf_state_dict(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+def write_meta_checkpoint(hf_path: Path, path: Path) -> Path:
+    """The same weights in Meta's layout: params.json, consolidated.00.pth (interleaved q/k)."""
+    cfg = json.loads((hf_path / "config.json").read_text())
+    n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    rope = cfg.get("rope_parameters") or {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta")}
+    sd = {}
+    names = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+             "mlp.down_proj": "feed_forward.w2"}
+    for name, w in hf_state_dict(hf_path).items():
+        if name == "model.embed_tokens.weight":
+            sd["tok_embeddings.weight"] = w
+        elif name == "model.norm.weight":
+            sd["norm.weight"] = w
+        elif name == "lm_head.weight":
+            sd["output.weight"] = w
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            rest = rest.removesuffix(".weight")
+            if rest == "self_attn.q_proj":
+                w = unpermute_rotary(w, n_heads)
+            elif rest == "self_attn.k_proj":
+                w = unpermute_rotary(w, n_kv)
+            sd[f"layers.{i}.{names[rest]}.weight"] = w
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path / "consolidated.00.pth")
+    hidden = cfg["intermediate_size"]
+    params = {"dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "n_heads": n_heads,
+              "n_kv_heads": n_kv, "vocab_size": cfg["vocab_size"], "ffn_dim": hidden,
+              "norm_eps": cfg["rms_norm_eps"], "rope_theta": rope["rope_theta"],
+              "use_scaled_rope": rope.get("rope_type") == "llama3", "rope_scale_factor": rope.get("factor")}
+    (path / "params.json").write_text(json.dumps(params))
+    shutil.copyfile(hf_path / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+def to_published_config(path: Path) -> None:
+    """Rewrite config.json the way the published Llama 3.2 repos have it (rope_* at the top level)."""
+    cfg = json.loads((path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters", None)
+    if rope is not None:
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        cfg["rope_scaling"] = rope
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+__all__ = ["permute_rotary"]
