@@ -300,6 +300,7 @@ def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
             continue
         if shape != expected[ours]:
             misshaped.append(f"{name}: checkpoint {list(shape)}, model expects {list(expected[ours])}")
+            seen.add(ours)  # present, only the wrong shape: not also "missing"
             continue
         try:
             tensor = get()
@@ -308,13 +309,19 @@ def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
         with torch.no_grad():
             params[ours].copy_(convert(tensor) if convert else tensor)
         seen.add(ours)
-    missing = sorted(set(expected) - seen)
-    problems = [f"mis-shaped {m}" for m in misshaped]
-    problems += [f"missing {m} {list(expected[m])}" for m in missing]
-    problems += [f"unexpected {e}" for e in extra]
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    missing = [f"{m} {list(expected[m])}" for m in sorted(set(expected) - seen, key=_natural)]
+    groups = [(kind, items) for kind, items in (("mis-shaped", misshaped), ("missing", missing),
+                                                ("unexpected", extra)) if items]
+    if groups:
+        shown = "; ".join(
+            f"{len(items)} {kind}: " + ", ".join(items[:2]) + (", ..." if len(items) > 2 else "")
+            for kind, items in groups
+        )
         raise CheckpointError(f"--checkpoint {ckpt.path}: weights do not fit its config: {shown}")
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
 def sha256_file(file: Path, chunk: int = 1 << 22) -> str:

@@ -73,8 +73,8 @@ def tokenizer_info(path: Path, checkpoint_dir: Path | None) -> TokenizerInfo:
     bos = gen.get("bos", bos)
     if "eos" in gen:
         eos = gen["eos"]
-    elif kind == "tiktoken":
-        # Meta layout has no generation_config: instruct turns end with <|eot_id|>.
+    else:
+        # No generation_config (Meta layout): Llama 3 instruct turns end with <|eot_id|>.
         eot = tok.encode("<|eot_id|>", 0, 0)
         if len(eot) == 1 and eot[0] not in eos:
             eos.append(eot[0])

@@ -1,0 +1,58 @@
+"""Session fixtures: tiny checkpoints written once, and each bundle built once (lowering is the
+slow part: ~15-25 s per tiny model on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import checkpoints
+from aot.cli import app
+
+warnings.filterwarnings("ignore")
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+# Small enough to lower fast, long enough to exercise chunked prefill and many decode steps.
+SEQ, CTX = 16, 64
+
+
+def run_cli(*args: str):
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def hf_ckpt(tmp_path_factory) -> Path:
+    return checkpoints.write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf")
+
+
+@pytest.fixture(scope="session")
+def meta_ckpt(hf_ckpt, tmp_path_factory) -> Path:
+    return checkpoints.write_meta_checkpoint(hf_ckpt, tmp_path_factory.mktemp("ckpt") / "meta")
+
+
+def _build(out: Path, ckpt: Path, *flags: str) -> dict:
+    result = run_cli("build", "--checkpoint", ckpt, "--out", out, "--max-seq-len", SEQ,
+                     "--max-context-len", CTX, "--json", *flags)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def bundle_fp32(hf_ckpt, tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("bundles") / "fp32", hf_ckpt, "--quant", "none")
+
+
+@pytest.fixture(scope="session")
+def bundle_8da4w(hf_ckpt, tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("bundles") / "8da4w", hf_ckpt, "--quant", "8da4w")
+
+
+@pytest.fixture(scope="session")
+def bundle_fp32_meta(meta_ckpt, tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("bundles") / "fp32-meta", meta_ckpt, "--quant", "none")
