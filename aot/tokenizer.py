@@ -44,7 +44,7 @@ def find_tokenizer(checkpoint_dir: Path | None, given: Path | None) -> Path | No
 
 def load_tokenizer(path: Path):
     """(tokenizer, kind) using the classes ExecuTorch's C++ runner uses."""
-    with _native_stderr_silenced():  # the C++ library logs to fd 2 when it loads
+    with native_output_silenced():  # the C++ library logs to fd 2 when it loads
         from pytorch_tokenizers import CppHFTokenizer, CppSPTokenizer, CppTiktoken
 
     candidates = [("hf-json", CppHFTokenizer)] if path.suffix == ".json" else [
@@ -53,7 +53,7 @@ def load_tokenizer(path: Path):
     ]
     for kind, cls in candidates:
         try:
-            with _native_stderr_silenced():  # the C++ loaders log to fd 2 on every load
+            with native_output_silenced():  # the C++ loaders log to fd 2 on every load
                 tok = cls()
                 tok.load(str(path))
         except RuntimeError:
@@ -103,13 +103,17 @@ def _generation_ids(checkpoint_dir: Path) -> dict:
 
 
 @contextmanager
-def _native_stderr_silenced():
+def native_output_silenced(fds: tuple[int, ...] = (2,)):
+    """Send what native libraries write to these file descriptors to /dev/null meanwhile."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [os.dup(fd) for fd in fds]
     try:
         with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
+            for fd in fds:
+                os.dup2(devnull.fileno(), fd)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+            os.close(copy)

@@ -10,7 +10,7 @@ import torch
 import checkpoints
 from conftest import CTX, SEQ, run_cli
 from aot.bundle import BUNDLE_JSON, PTE_NAME
-from aot.runner.pte import PteProgram
+from aot.runner.pte import PteProgram, load_kernels
 from test_model import TOKENS, hf_logits, our_model
 
 
@@ -49,6 +49,7 @@ def test_stock_runner_generates_transformers_greedy_tokens(bundle_fp32, hf_ckpt)
     expected = [tok.decode([t]) for t in out if t not in (checkpoints.EOS, checkpoints.EOT)]
 
     path = Path(bundle_fp32["path"])
+    load_kernels()  # what an app links in: the LLM custom ops and quantized kernels
     runner = TextLLMRunner(str(path / PTE_NAME), str(path / "tokenizer.json"))
     pieces, stats = [], []
     config = GenerationConfig(max_new_tokens=new, temperature=0.0, num_bos=1, echo=False)
@@ -141,3 +142,32 @@ def test_inspect_verifies_and_refuses_tampered_bundles(bundle_8da4w, tmp_path):
     assert bad.exit_code == 7
     assert "model.pte" in bad.stderr and "sha256" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1  # inspect prints no progress
+
+
+def test_bf16_bundle_runs_close_to_fp32(hf_ckpt, tmp_path):
+    from conftest import _build
+
+    bundle = _build(tmp_path / "bf16", hf_ckpt, "--quant", "bf16")
+    assert "bfloat16" in bundle["export"]["methods"]["forward"]["output"]
+    got = forward(bundle)(TOKENS[:, :SEQ], torch.tensor([0])).float()
+    ref = hf_logits(hf_ckpt, TOKENS[:, :SEQ])[0, -1]
+    assert (got[0] - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    assert got.argmax().item() == ref.argmax().item()
+
+
+def test_8da8w_with_4bit_embedding_and_output_matches_eager(hf_ckpt, tmp_path):
+    from conftest import _build
+    from aot.quant import QuantConfig, apply_plan
+
+    flags = ["--quant", "8da8w", "--embedding-quant", "4", "--output-quant", "8da4w", "--group-size", "64"]
+    bundle = _build(tmp_path / "8da8w", hf_ckpt, *flags)
+    plan = bundle["quant"]["plan"]
+    assert plan["embedding"] == {"bits": 4, "group_size": 32, "activations": "none"}
+    assert plan["output"] == {"bits": 4, "group_size": 64, "activations": "int8-dynamic"}
+    assert "quantized_decomposed.embedding_4bit" in bundle["delegation"]["forward"]["cpu_ops"]
+    eager = our_model(hf_ckpt, full_logits=False, max_context_len=CTX)
+    apply_plan(eager, QuantConfig(scheme="8da8w", embedding="4", output="8da4w", group_size=64).plan())
+    with torch.no_grad():
+        ref = eager(TOKENS[:, :SEQ], torch.tensor([0]))
+    got = forward(bundle)(TOKENS[:, :SEQ], torch.tensor([0]))
+    assert (got - ref).abs().max().item() <= 1e-3

@@ -125,3 +125,18 @@ def test_llama3_rope_scaling_matches_transformers(model):
     assert torch.allclose(ours, inv_freq.float(), rtol=1e-6, atol=0)
     unscaled = rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": None}), 2)
     assert not torch.allclose(torch.atan2(unscaled[1][1], unscaled[0][1]), inv_freq.float())
+
+
+def test_sharded_safetensors_load_like_one_file(hf_ckpt, tmp_path):
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(hf_ckpt).save_pretrained(sharded, max_shard_size="200KB")
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copyfile(hf_ckpt / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(open_checkpoint(sharded).weight_files) > 1
+    a, b = our_model(hf_ckpt).state_dict(), our_model(sharded).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
