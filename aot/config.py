@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aot.backends import BACKENDS
 from aot.errors import ConfigError
+from aot.model import MODELS
 from aot.quant import QuantConfig
 
 DEFAULT_MAX_SEQ_LEN = 128  # longest prefill chunk one forward call takes
@@ -41,9 +43,6 @@ class BuildConfig:
             raise ConfigError("; ".join(errors))
 
     def errors(self) -> list[str]:
-        from aot.backends import BACKENDS
-        from aot.model import MODELS
-
         errors = []
         if self.model is not None and self.model not in MODELS:
             errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join(MODELS)}")

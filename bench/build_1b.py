@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--preset", action="store_true", help="also build aot's default 8da4w recipe")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
+    from aot.doctor import host_info
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="aot-bench-"))
@@ -110,8 +111,7 @@ def main() -> None:
     result = {
         "model": args.model, "quant": f"8da4w g{args.group_size}", "delegate": "xnnpack",
         "max_seq_len": args.max_seq_len, "max_context_len": args.max_context_len,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": {**host_info(), "python": platform.python_version()},
         "runs": runs, "work_dir": str(work),
     }
     if "export_llm" in runs:
