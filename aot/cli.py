@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +58,19 @@ def _command(as_json: bool, debug: bool):
     except KeyboardInterrupt:
         err.print("aot: interrupted; nothing was written")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"aot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    pass
 
 
 def _given(**kw) -> dict:

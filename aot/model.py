@@ -83,15 +83,6 @@ MODELS: dict[str, ModelArgs] = {
 }
 
 
-def model_args(name: str) -> ModelArgs:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown --model '{name}'; choose one of: {', '.join(MODELS)}"
-        ) from None
-
-
 def rope_frequencies(args: ModelArgs, max_context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each [max_context_len, head_dim // 2], float32."""
     d = args.head_dim
