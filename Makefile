@@ -21,11 +21,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) tools/tiny_checkpoint.py $(DEMO)/ckpt
-	$(AOT) build --checkpoint $(DEMO)/ckpt --quant 8da4w --max-seq-len 32 --max-context-len 256 \
-		--out $(DEMO)/bundle --force
-	$(AOT) inspect $(DEMO)/bundle
-	$(PY) tools/generate.py $(DEMO)/bundle "def load(fp, *, cls=None):"
+	$(AOT) build --model demo --quant 8da4w --out $(DEMO)/bundle --force
+	$(AOT) validate $(DEMO)/bundle --max-ppl-ratio 1.05 --min-top1 0.85 --max-kl 0.05
+	$(AOT) run $(DEMO)/bundle --prompt "def fibonacci(n):" --max-new-tokens 64
 
 bench: $(STAMP)
 	$(PY) bench/build_1b.py --preset

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from aot.checkpoint import sha256_file
@@ -117,3 +118,32 @@ def verify_bundle(path: Path) -> dict:
         if f.stat().st_size != entry.get("bytes") or sha256_file(f) != entry.get("sha256"):
             raise BundleError(f"{f}: sha256 does not match bundle.json (corrupt or modified); rebuild or re-copy it")
     return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk: its manifest and the paths a runner needs."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def pte(self) -> Path:
+        return self.root / PTE_NAME
+
+    @property
+    def tokenizer(self) -> Path:
+        tok = self.manifest.get("tokenizer")
+        if not tok:
+            raise BundleError(
+                f"{self.root}: has no tokenizer (built from --random-weights without --tokenizer); "
+                "rebuild it with --tokenizer FILE to run it"
+            )
+        return self.root / tok["file"]
+
+
+def open_bundle(path: Path) -> Bundle:
+    """Verify every file's sha256, then hand out the bundle; a tampered bundle is refused."""
+    manifest = verify_bundle(path)
+    root = Path(path).expanduser()
+    return Bundle(root if root.is_dir() else root.parent, manifest)

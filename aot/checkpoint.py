@@ -37,7 +37,7 @@ class Checkpoint:
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # bundle.json records where inputs came from
     if not path.is_dir():
         raise CheckpointError(f"--checkpoint {path}: not a directory; give the folder holding the checkpoint")
     if (path / "config.json").is_file():

@@ -145,6 +145,100 @@ def inspect(
 
 
 @app.command()
+def run(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (--engine python)."),
+    engine: str = typer.Option("stock", "--engine", help="stock (ExecuTorch's TextLLMRunner) or python."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Generate from a bundle, streaming text; then load time, TTFT, prefill and decode tok/s."""
+    with _command(as_json, debug):
+        from aot.bundle import open_bundle
+        from aot.runner.engines import make_engine
+
+        b = open_bundle(bundle)
+        runner = make_engine(engine, b)
+        on_text = None if as_json else (lambda text: print(text, end="", flush=True))
+        g = runner.generate(prompt, max_new_tokens, temperature, seed, on_text)
+        if as_json:
+            print(json.dumps({"ok": True, "prompt": prompt, **g.to_dict()}))
+            return
+        print(flush=True)
+        err.print(f"[dim]{g.engine}: load {g.load_s * 1000:.0f} ms, first token {g.ttft_s * 1000:.1f} ms, "
+                  f"prefill {g.prefill_tps:.1f} tok/s ({g.prompt_tokens} tokens), "
+                  f"decode {g.decode_tps:.1f} tok/s ({g.generated_tokens} tokens)[/dim]")
+
+
+@app.command()
+def validate(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint to compare with [bundle.json's]."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens of --text scored [512]."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length for speed [128]."),
+    decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", help="Tokens generated for speed [64]."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Speed runs [3]; median and spread reported."),
+    skip_speed: bool = typer.Option(False, "--skip-speed", help="Accuracy only."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Gate: bundle ppl / reference ppl."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: top-1 agreement with the reference."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Gate: mean KL(reference || bundle)."),
+    min_prefill_tps: Optional[float] = typer.Option(None, "--min-prefill-tps", help="Gate: median prefill tok/s."),
+    min_decode_tps: Optional[float] = typer.Option(None, "--min-decode-tps", help="Gate: median decode tok/s."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per gate)."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Prove a bundle's accuracy against its reference checkpoint and measure its speed; gates set the exit code."""
+    with _command(as_json, debug):
+        from aot.bundle import open_bundle
+        from aot.errors import GatesFailed
+        from aot.progress import Stages
+        from aot.validate import Gates, ValidateConfig, junit_xml
+        from aot.validate import validate as run_validate
+
+        gates = Gates(**_given(max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_kl=max_kl,
+                               min_prefill_tps=min_prefill_tps, min_decode_tps=min_decode_tps))
+        cfg = ValidateConfig(gates=gates, skip_speed=skip_speed, **_given(
+            reference=reference, text=text, max_tokens=max_tokens, prompt_tokens=prompt_tokens,
+            decode_tokens=decode_tokens, repeats=repeats))
+        result = run_validate(open_bundle(bundle), cfg, Stages(quiet=as_json))
+        if junit is not None:
+            _write_atomically(junit, junit_xml(result))
+        if as_json:
+            print(json.dumps(result))
+        else:
+            _print_validation(result)
+        if not result["ok"]:  # the result (with "ok": false) is out already: one line and the exit code
+            failed = [g for g in result["gates"] if not g["ok"]]
+            err.print("[red]aot: error:[/red] gates failed: " + "; ".join(
+                f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}"
+                + (f" ({g['hint']})" if g.get("hint") else "") for g in failed), soft_wrap=True)
+            raise typer.Exit(GatesFailed.exit_code)
+
+
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    prompt_tokens: int = typer.Option(128, "-p", "--prompt-tokens", help="pp N: prompt length."),
+    decode_tokens: int = typer.Option(64, "-n", "--decode-tokens", help="tg N: tokens generated."),
+    repeats: int = typer.Option(5, "-r", "--repeats", help="Measured runs (after one warm-up)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Where prompts come from [the demo's held-out sample]."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """llama-bench style speed rows (pp N, tg N: mean ± std tok/s) from ExecuTorch's runner."""
+    with _command(as_json, debug):
+        from aot.benchmark import bench_bundle, markdown
+
+        result = bench_bundle(bundle, prompt_tokens, decode_tokens, repeats, text)
+        print(json.dumps({"ok": True, **result}) if as_json else markdown(result))
+
+
+@app.command()
 def doctor(as_json: bool = JSON_OPT, debug: bool = DEBUG_OPT):
     """Versions, CPU features, and which delegates can run here (and why not)."""
     with _command(as_json, debug):
@@ -186,6 +280,41 @@ def _print_bundle(b: dict, verified: bool) -> None:
                   f"{d['delegated_subgraphs']} subgraphs; on CPU: {cpu}")
     if "build" in b:
         out.print(f"  built in {b['build']['total_seconds']:.1f} s, peak RSS {b['build']['peak_rss_mib'] / 1024:.2f} GiB")
+
+
+def _print_validation(r: dict) -> None:
+    a, s = r["accuracy"], r["speed"]
+    ref = r["reference"]
+    out.print(f"[bold]{r['bundle']}[/bold]  ({r['model']}, {r['quant']})  vs  {ref['checkpoint']} fp32"
+              + ("" if ref["is_build_input"] else "  [yellow](not the build's input files)[/yellow]"))
+    out.print(f"  text       {r['text']['file']} ({r['text']['tokens']} tokens, {a['positions']} predictions)")
+    out.print(f"  perplexity reference {a['ppl_reference']:.3f}  bundle {a['ppl_bundle']:.3f}  ratio {a['ppl_ratio']:.4f}")
+    out.print(f"  agreement  top-1 {a['top1_agreement']:.2%}  mean KL {a['kl_mean']:.5f}  "
+              f"max |logit error| {a['max_abs_logit_error']:.4f}")
+    if s:
+        out.print(f"  speed      load {s['load_s'] * 1000:.0f} ms; prefill {s['prefill_tps']['median']:.1f} tok/s "
+                  f"({s['prompt_tokens']} tokens), decode {s['decode_tps']['median']:.1f} tok/s "
+                  f"({s['generated_tokens']} tokens), median of {len(s['decode_tps']['runs'])} "
+                  f"(decode {s['decode_tps']['min']:.1f}-{s['decode_tps']['max']:.1f}); peak RSS {s['peak_rss_mib']:.0f} MiB")
+    for g in r["gates"]:
+        mark = "[green]pass[/green]" if g["ok"] else "[red]FAIL[/red]"
+        out.print(f"  gate       {mark} {g['name']}: {g['value']} {g['op']} {g['threshold']}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    from aot.errors import OutputError
+
+    path = Path(path).expanduser()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror}); choose a writable path") from None
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ from aot.quant import QuantConfig
 DEFAULT_MAX_SEQ_LEN = 128  # longest prefill chunk one forward call takes
 DEFAULT_MAX_CONTEXT_LEN = 2048  # KV cache positions
 MAX_CONTEXT_LIMIT = 131_072  # Llama 3.2's trained context
+DEMO_DIR = Path(__file__).parent / "demo"  # the embedded demo model and its held-out text
+DEMO_CHECKPOINT = DEMO_DIR / "model"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class BuildConfig:
     force: bool = False
 
     def __post_init__(self):
+        if self.model == "demo" and self.checkpoint is None and not self.random_weights:
+            object.__setattr__(self, "checkpoint", DEMO_CHECKPOINT)  # the demo ships its weights
         errors = self.errors()
         if errors:
             raise ConfigError("; ".join(errors))

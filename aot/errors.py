@@ -51,6 +51,13 @@ class BuildError(AotError):
     kind = "build"
 
 
+class GatesFailed(AotError):
+    """The command ran, and at least one validation gate did not hold."""
+
+    exit_code = 9
+    kind = "gates"
+
+
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -63,5 +70,6 @@ EXIT_CODES = {
     DelegateUnavailable.exit_code: "delegate not available on this machine",
     BundleError.exit_code: "bundle malformed or failed its sha256 check",
     BuildError.exit_code: "export or lowering failed",
+    GatesFailed.exit_code: "validation ran and a gate (accuracy or speed threshold) failed",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }

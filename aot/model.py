@@ -78,6 +78,8 @@ class ModelArgs:
 MODELS: dict[str, ModelArgs] = {
     "1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128_256, ffn_hidden=8192),
     "3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128_256, ffn_hidden=8192),
+    # aot's embedded demo model (aot/demo, trained by tools/train_demo.py).
+    "demo": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_hidden=768),
     "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, ffn_hidden=384),
     "small": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4096, ffn_hidden=768),
 }

@@ -4,13 +4,11 @@ runners load it (pytorch-tokenizers' C++ classes), and the source of the bos/eos
 from __future__ import annotations
 
 import json
-import os
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from aot.errors import CheckpointError
+from aot.native import native_output_silenced
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Llama 3 special tokens (tiktoken tokenizer.model): begin_of_text, end_of_text, eot_id.
@@ -101,19 +99,3 @@ def _generation_ids(checkpoint_dir: Path) -> dict:
             out["eos"] = list(eos)
     return out
 
-
-@contextmanager
-def native_output_silenced(fds: tuple[int, ...] = (2,)):
-    """Send what native libraries write to these file descriptors to /dev/null meanwhile."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(fd) for fd in fds]
-    try:
-        with open(os.devnull, "w") as devnull:
-            for fd in fds:
-                os.dup2(devnull.fileno(), fd)
-        yield
-    finally:
-        for fd, copy in zip(fds, saved):
-            os.dup2(copy, fd)
-            os.close(copy)

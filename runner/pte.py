@@ -28,8 +28,14 @@ METADATA_METHODS = (
 
 def load_kernels() -> None:
     """Register the kernels a bundle's CPU ops need (LLM custom ops, quantized embeddings)."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-    import executorch.kernels.quantized  # noqa: F401
+    from aot.native import native_output_silenced
+
+    with native_output_silenced():  # XNNPACK's cpuinfo logs when the runtime library loads
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+        import executorch.kernels.quantized  # noqa: F401
+        from executorch.runtime import Runtime
+
+        Runtime.get()
 
 
 class PteProgram:

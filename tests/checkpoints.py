@@ -23,15 +23,17 @@ def corpus_files() -> list[str]:
     return sorted(str(p) for p in Path(json_pkg.__file__).parent.glob("*.py"))
 
 
-def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> Path:
+def write_tokenizer(path: Path, vocab_size: int = VOCAB, all_bytes: bool = False) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    # No full byte alphabet: the corpus is ASCII, so every token decodes to whole characters and
-    # ExecuTorch's Python token callback (which fails on partial UTF-8) sees only valid text.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL)
+    # Without the full byte alphabet (the default here) every token of this ASCII corpus decodes to
+    # whole characters; with it, bytes >= 0x80 are tokens of their own, as in Llama 3's tokenizer,
+    # and a model can emit part of a character.
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if all_bytes else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=alphabet)
     tok.train(corpus_files(), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SPECIAL[0]} $A", special_tokens=[(SPECIAL[0], BOS)]
@@ -56,7 +58,7 @@ def hf_config(**overrides):
     return LlamaConfig(**kw)
 
 
-def write_hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+def write_hf_checkpoint(path: Path, seed: int = 0, all_bytes: bool = False, **overrides) -> Path:
     """A random LlamaForCausalLM saved with save_pretrained, plus tokenizer.json."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -72,7 +74,7 @@ def write_hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     GenerationConfig(bos_token_id=BOS, eos_token_id=[EOS, EOT]).save_pretrained(path)
-    write_tokenizer(path / "tokenizer.json")
+    write_tokenizer(path / "tokenizer.json", all_bytes=all_bytes)
     return path
 
 

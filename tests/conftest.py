@@ -56,3 +56,23 @@ def bundle_8da4w(hf_ckpt, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def bundle_fp32_meta(meta_ckpt, tmp_path_factory) -> dict:
     return _build(tmp_path_factory.mktemp("bundles") / "fp32-meta", meta_ckpt, "--quant", "none")
+
+
+@pytest.fixture(scope="session")
+def bytes_ckpt(tmp_path_factory) -> Path:
+    """Tiny random model whose tokenizer has every byte as a token: it emits partial UTF-8."""
+    return checkpoints.write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "bytes", seed=1, all_bytes=True)
+
+
+@pytest.fixture(scope="session")
+def bundle_bytes(bytes_ckpt, tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("bundles") / "bytes", bytes_ckpt, "--quant", "none")
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> dict:
+    """The embedded demo model, 8da4w, as `make demo` builds it."""
+    out = tmp_path_factory.mktemp("bundles") / "demo"
+    result = run_cli("build", "--model", "demo", "--out", out, "--max-seq-len", 64, "--max-context-len", 512, "--json")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
