@@ -20,7 +20,7 @@ from aot.bundle import Bundle
 from aot.errors import ConfigError
 from aot.native import native_output_silenced
 from aot.runner.pte import PteProgram, load_kernels
-from aot.runner.text import TokenBytes, Utf8Stream, stream_tokenizer
+from aot.runner.text import TextSink, TokenBytes, stream_tokenizer
 
 OnText = Callable[[str], None]
 
@@ -73,15 +73,11 @@ class StockEngine:
             raise ConfigError(
                 "--seed needs --engine python: ExecuTorch's runner seeds its own sampler"
             )
-        stream, parts, stamps, stats = Utf8Stream(self.byte_level), [], [], []
+        sink, stamps, stats = TextSink(self.byte_level, on_text), [], []
 
         def on_piece(piece: str) -> None:
             stamps.append(time.perf_counter())
-            text = stream.feed(piece)
-            if text:
-                parts.append(text)
-                if on_text:
-                    on_text(text)
+            sink.feed(piece)
 
         # num_bos=1: Llama prompts start with <|begin_of_text|>, which the runner adds only when asked.
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1, echo=False)
@@ -89,16 +85,12 @@ class StockEngine:
         start = time.perf_counter()
         with native_output_silenced((1, 2)):
             self.runner.generate(prompt, config, token_callback=on_piece, stats_callback=stats.append)
-        tail = stream.flush()
-        if tail:
-            parts.append(tail)
-            if on_text:
-                on_text(tail)
+        text = sink.close()
         s = stats[-1]
         load_s = (s.model_load_end_ms - s.model_load_start_ms) / 1000 if not self._loaded else 0.0
         self._loaded = True
         ttft, prefill, decode = _rates(s.num_prompt_tokens, start, stamps, load_s)
-        return Generation("".join(parts), self.name, s.num_prompt_tokens, len(stamps), load_s, ttft, prefill, decode)
+        return Generation(text, self.name, s.num_prompt_tokens, len(stamps), load_s, ttft, prefill, decode)
 
 
 class PythonEngine:
@@ -144,7 +136,7 @@ class PythonEngine:
 
     def _generate(self, ids, max_new_tokens, temperature, seed, on_text) -> Generation:
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        stream, parts, stamps = Utf8Stream(byte_level=False), [], []
+        sink, stamps = TextSink(byte_level=False, on_text=on_text), []
         start = time.perf_counter()
         logits, pos = self._prefill(ids), len(ids)
         for _ in range(min(max_new_tokens, self.max_context_len - pos)):
@@ -156,22 +148,14 @@ class PythonEngine:
             if token in self.eos:
                 stamps.pop()
                 break
-            text = stream.feed(self.token_bytes([token]))
-            if text:
-                parts.append(text)
-                if on_text:
-                    on_text(text)
+            sink.feed(self.token_bytes([token]))
             logits = self._last(self.forward(torch.tensor([[token]]), torch.tensor([pos])))
             pos += 1
-        tail = stream.flush()
-        if tail:
-            parts.append(tail)
-            if on_text:
-                on_text(tail)
+        text = sink.close()
         load_s = 0.0 if self._loaded else self.load_s
         self._loaded = True
         ttft, prefill, decode = _rates(len(ids), start, stamps, 0.0)
-        return Generation("".join(parts), self.name, len(ids), len(stamps), load_s, ttft, prefill, decode)
+        return Generation(text, self.name, len(ids), len(stamps), load_s, ttft, prefill, decode)
 
     @staticmethod
     def _last(logits: torch.Tensor) -> torch.Tensor:

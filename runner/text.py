@@ -58,6 +58,26 @@ class Utf8Stream:
         return piece.encode("utf-8")
 
 
+class TextSink:
+    """Collects streamed pieces as whole characters, passing each new run of text to `on_text`."""
+
+    def __init__(self, byte_level: bool, on_text=None):
+        self.stream, self.on_text, self.parts = Utf8Stream(byte_level), on_text, []
+
+    def feed(self, piece: str | bytes) -> None:
+        self._emit(self.stream.feed(piece))
+
+    def close(self) -> str:
+        self._emit(self.stream.flush())
+        return "".join(self.parts)
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.parts.append(text)
+            if self.on_text:
+                self.on_text(text)
+
+
 def is_byte_level(tokenizer_json: dict) -> bool:
     decoder = tokenizer_json.get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
