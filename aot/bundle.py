@@ -58,6 +58,9 @@ class Staging:
             files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {**manifest, "files": files}
         (self.dir / BUNDLE_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.dir, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is for sharing
         old = None
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))

@@ -5,8 +5,6 @@ subclasses: one line on stderr and their exit code; tracebacks only with --debug
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -15,7 +13,9 @@ import typer
 from rich.console import Console
 
 from aot import __version__
+from aot.bundle import PTE_NAME
 from aot.errors import EXIT_CODES, EXIT_INTERRUPTED, AotError
+from aot.native import quiet_libraries
 
 app = typer.Typer(
     add_completion=False,
@@ -31,27 +31,16 @@ JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdou
 DEBUG_OPT = typer.Option(False, "--debug", help="Show full tracebacks and library warnings.")
 
 
-def _quiet_libraries(debug: bool) -> None:
-    if debug:
-        return
-    warnings.filterwarnings("ignore")
-    import torch  # noqa: F401  (torch configures its loggers on import; set levels after it)
-
-    # torchao logs a warning per optional CUDA extension it cannot load on a CPU machine.
-    for name in ("torchao", "torch", "executorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 @contextmanager
 def _command(as_json: bool, debug: bool):
     """Run a command body: AotError -> one line + its exit code; Ctrl-C -> 130."""
-    _quiet_libraries(debug)
+    quiet_libraries(debug)
     try:
         yield
     except AotError as e:
         if debug:
             raise
-        if as_json:
+        if as_json and not getattr(e, "result_printed", False):
             print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}}))
         err.print(f"[red]aot: error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(e.exit_code)
@@ -80,7 +69,14 @@ def _given(**kw) -> dict:
 
 @app.command()
 def build(
-    out_dir: Path = typer.Option(..., "--out", help="Bundle directory to write (atomically)."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Bundle directory to write (atomically); with --manifest the output root."
+    ),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Build a manifest's targets instead."),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="With --manifest: only these (repeatable)."),
+    jobs: int = typer.Option(1, "--jobs", help="With --manifest: targets built at once."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="With --manifest: stop at the first failure."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="With --manifest: build even when up to date."),
     model: Optional[str] = typer.Option(None, "--model", help="1b, 3b (or tiny, small). With --checkpoint: a check."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama 3.2 folder."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
@@ -105,21 +101,27 @@ def build(
 ):
     """Build a bundle (model.pte, tokenizer, bundle.json) from a checkpoint."""
     with _command(as_json, debug):
-        from aot.config import BuildConfig
+        from aot.config import build_config
+        from aot.errors import ConfigError
         from aot.pipeline import build as run_build
         from aot.progress import Stages
-        from aot.quant import QuantConfig
 
-        qcfg = QuantConfig(**_given(
-            scheme=quant, group_size=group_size, embedding=embedding_quant,
-            embedding_group_size=embedding_group_size, output=output_quant,
-        ))
-        cfg = BuildConfig(out=out_dir, quant=qcfg, random_weights=random_weights, full_logits=full_logits,
-                          force=force, **_given(
-            model=model, checkpoint=checkpoint, tokenizer=tokenizer, seed=seed, delegate=delegate,
-            max_seq_len=max_seq_len, max_context_len=max_context_len, bos_id=bos_id,
-            eos_ids=tuple(eos_id) if eos_id else None,
-        ))
+        fields = _given(
+            model=model, checkpoint=checkpoint, tokenizer=tokenizer, seed=seed, delegate=delegate, quant=quant,
+            group_size=group_size, embedding_quant=embedding_quant, embedding_group_size=embedding_group_size,
+            output_quant=output_quant, max_seq_len=max_seq_len, max_context_len=max_context_len, bos_id=bos_id,
+            eos_ids=eos_id or None, random_weights=random_weights or None, full_logits=full_logits or None,
+        )
+        if manifest is not None:
+            if fields or force:
+                flags = ", ".join("--" + k.replace("_", "-") for k in [*fields, *(["force"] if force else [])])
+                raise ConfigError(f"{flags}: set these in the manifest's targets or defaults, not with --manifest")
+            return _build_manifest(manifest, out_dir, target, jobs, fail_fast, rebuild, as_json)
+        if target or jobs != 1 or fail_fast or rebuild:
+            raise ConfigError("--target, --jobs, --fail-fast and --rebuild need --manifest")
+        if out_dir is None:
+            raise ConfigError("--out DIR is required: where to write the bundle")
+        cfg = build_config(out_dir, force=force, **fields)
         result = run_build(cfg, Stages())
         if as_json:
             print(json.dumps({"ok": True, **result}))
@@ -142,6 +144,75 @@ def inspect(
             print(json.dumps({"ok": True, **result}))
         else:
             _print_bundle(result, verified=True)
+
+
+def _build_manifest(path, root, targets, jobs, fail_fast, rebuild, as_json) -> None:
+    from aot.manifest import load_manifest
+    from aot.release import build_targets, raise_if_failed
+
+    m = load_manifest(path, root)
+    results = build_targets(m, targets, jobs=jobs, fail_fast=fail_fast, rebuild=rebuild, quiet=as_json)
+    if as_json:
+        print(json.dumps({"ok": not any(r["status"] not in ("built", "skipped") for r in results),
+                          "root": str(m.root), "targets": results}))
+    else:
+        _print_targets(m.root, results)
+    try:
+        raise_if_failed(results)
+    except AotError as e:
+        e.result_printed = as_json  # the JSON above already says which targets failed
+        raise
+
+
+def _print_targets(root: Path, results: list[dict]) -> None:
+    out.print(f"[bold]{root}[/bold]")
+    for r in results:
+        color = {"built": "green", "skipped": "cyan"}.get(r["status"], "red")
+        size = f"{r['pte_bytes'] / 2**20:9.2f} MiB" if "pte_bytes" in r else " " * 13
+        secs = f"{r['seconds']:7.1f} s" if "seconds" in r else " " * 9
+        note = r.get("reason") or (r.get("error") or {}).get("message", "")
+        out.print(f"  [{color}]{r['status']:<9}[/{color}] {r['name']:<36} {secs} {size}  {r['out']}  {note}")
+
+
+@app.command()
+def release(
+    manifest: Path = typer.Option(..., "--manifest", help="Release manifest (YAML)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output root [build/<manifest name>]."),
+    jobs: int = typer.Option(1, "--jobs", help="Targets built at once."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build even targets that are up to date."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Build (or skip) every target, validate those with gates, write release.json."""
+    with _command(as_json, debug):
+        from aot.manifest import load_manifest
+        from aot.release import release as run_release
+
+        index = run_release(load_manifest(manifest, out_dir), jobs=jobs, rebuild=rebuild, quiet=as_json)
+        if as_json:
+            print(json.dumps({"ok": True, **index}))
+            return
+        out.print(f"[bold]{index['path']}[/bold]  ({len(index['targets'])} targets)")
+        for t in index["targets"]:
+            v = t["validation"]
+            gates = "no gates" if v is None else ("gates pass" if v["ok"] else "GATES FAIL")
+            out.print(f"  {t['name']:<36} {t['build']['status']:<8} "
+                      f"{t['files'][PTE_NAME]['bytes'] / 2**20:9.2f} MiB  {gates}")
+
+
+@app.command()
+def plan(
+    manifest: Path = typer.Option(..., "--manifest", help="Release manifest (YAML)."),
+    fmt: str = typer.Option("json", "--format", help="json, or github (a GitHub Actions matrix)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output root the jobs should use."),
+    debug: bool = DEBUG_OPT,
+):
+    """Print the targets as a CI job matrix: one `aot build --manifest F --target N` per job."""
+    with _command(False, debug):
+        from aot.manifest import load_manifest
+        from aot.release import plan as make_plan
+
+        print(make_plan(load_manifest(manifest, out_dir), fmt, str(manifest), str(out_dir) if out_dir else None))
 
 
 @app.command()
@@ -212,12 +283,13 @@ def validate(
             print(json.dumps(result))
         else:
             _print_validation(result)
-        if not result["ok"]:  # the result (with "ok": false) is out already: one line and the exit code
+        if not result["ok"]:
             failed = [g for g in result["gates"] if not g["ok"]]
-            err.print("[red]aot: error:[/red] gates failed: " + "; ".join(
+            error = GatesFailed("gates failed: " + "; ".join(
                 f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}"
-                + (f" ({g['hint']})" if g.get("hint") else "") for g in failed), soft_wrap=True)
-            raise typer.Exit(GatesFailed.exit_code)
+                + (f" ({g['hint']})" if g.get("hint") else "") for g in failed))
+            error.result_printed = as_json  # the JSON result above says "ok": false
+            raise error
 
 
 @app.command()

@@ -85,3 +85,58 @@ class BuildConfig:
             d[key] = None if d[key] is None else str(d[key])
         d["eos_ids"] = None if self.eos_ids is None else list(self.eos_ids)
         return d
+
+
+# Build fields by their flag / manifest name: (accepted YAML types, config, field there).
+# `aot build` flags and manifest keys are the same names, parsed here once.
+FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
+    "model": ((str,), "build", "model"),
+    "checkpoint": ((str,), "build", "checkpoint"),
+    "tokenizer": ((str,), "build", "tokenizer"),
+    "random_weights": ((bool,), "build", "random_weights"),
+    "seed": ((int,), "build", "seed"),
+    "delegate": ((str,), "build", "delegate"),
+    "quant": ((str,), "quant", "scheme"),
+    "group_size": ((int,), "quant", "group_size"),
+    "embedding_quant": ((str, int), "quant", "embedding"),
+    "embedding_group_size": ((int,), "quant", "embedding_group_size"),
+    "output_quant": ((str,), "quant", "output"),
+    "max_seq_len": ((int,), "build", "max_seq_len"),
+    "max_context_len": ((int,), "build", "max_context_len"),
+    "bos_id": ((int,), "build", "bos_id"),
+    "eos_ids": ((list,), "build", "eos_ids"),
+    "full_logits": ((bool,), "build", "full_logits"),
+}
+_PATHS = ("checkpoint", "tokenizer")
+
+
+def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:
+    """A BuildConfig from flag-named fields (the CLI's and the manifests' one entry point).
+
+    Problems in the quantization fields and in the rest are reported together.
+    """
+    quant, build = {}, {}
+    for key, value in fields.items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown build field '{key}'; choose one of: {', '.join(FIELDS)}")
+        _, where, name = FIELDS[key]
+        if key in _PATHS:
+            value = Path(value).expanduser()
+        elif key == "eos_ids":
+            value = tuple(value)
+        elif key == "embedding_quant":
+            value = str(value)
+        (quant if where == "quant" else build)[name] = value
+    errors = []
+    try:
+        qcfg = QuantConfig(**quant)
+    except ConfigError as e:
+        errors.append(str(e))
+        qcfg = QuantConfig()
+    try:
+        cfg = BuildConfig(out=Path(out), force=force, quant=qcfg, **build)
+    except ConfigError as e:
+        errors.append(str(e))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg

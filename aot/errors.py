@@ -58,6 +58,20 @@ class GatesFailed(AotError):
     kind = "gates"
 
 
+class TargetsFailed(AotError):
+    """A manifest build or release ran, and at least one target failed or was left out."""
+
+    exit_code = 10
+    kind = "targets-failed"
+
+
+class TargetLocked(AotError):
+    """Another aot process holds this target's lock on the same output root."""
+
+    exit_code = 11
+    kind = "locked"
+
+
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -71,5 +85,7 @@ EXIT_CODES = {
     BundleError.exit_code: "bundle malformed or failed its sha256 check",
     BuildError.exit_code: "export or lowering failed",
     GatesFailed.exit_code: "validation ran and a gate (accuracy or speed threshold) failed",
+    TargetsFailed.exit_code: "manifest build or release: a target failed (its own error is in the summary)",
+    TargetLocked.exit_code: "a target is being built by another aot process on the same output root",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }

@@ -1,13 +1,27 @@
-"""Quieting native libraries: ExecuTorch's runtime and runner and pytorch-tokenizers log from C++
+"""Quieting libraries. Native ones: ExecuTorch's runtime and runner and pytorch-tokenizers log from C++
 to the process's file descriptors, and ExecuTorch's bindings also route their logs to Python's
 sys.stderr."""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
+
+
+def quiet_libraries(debug: bool) -> None:
+    """No Python warnings and no library log chatter unless --debug."""
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    import torch  # noqa: F401  (torch configures its loggers on import; set levels after it)
+
+    # torchao logs a warning per optional CUDA extension it cannot load on a CPU machine.
+    for name in ("torchao", "torch", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ Each stage is a plain function; `build` reads top to bottom. The model family yi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import re
 import shutil
@@ -50,6 +52,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
             src = resolve_source(cfg, plan)
         with stages.stage("hash inputs"):
             inputs = hash_inputs(src)
+            key = input_key(cfg, inputs)
         with stages.stage("load", "random weights" if cfg.random_weights else src.checkpoint.layout):
             model = load_model(src, cfg)
         with stages.stage("quantize", plan.scheme):
@@ -72,7 +75,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
         del program
         if src.tokenizer is not None:
             shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
-        manifest = bundle_manifest(cfg, src, plan, inputs, signatures, metadata, delegation, stages)
+        manifest = bundle_manifest(cfg, src, plan, inputs, key, signatures, metadata, delegation, stages)
         manifest = staging.commit(manifest)
     return {**manifest, "path": str(staging.out)}
 
@@ -138,6 +141,21 @@ def hash_inputs(src: Source) -> dict:
     return {
         str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)
     }
+
+
+def input_key(cfg: BuildConfig, inputs: dict) -> str:
+    """Content address of a build: its configuration, the bytes of every input file and the
+    toolchain. Paths do not count (a moved checkpoint is the same input); contents do."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "checkpoint", "tokenizer")}
+    toolchain = {k: v for k, v in versions().items() if k != "python"}
+    files = sorted((Path(name).name, entry["sha256"]) for name, entry in inputs.items())
+    payload = json.dumps({"config": config, "inputs": files, "toolchain": toolchain}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def fingerprint(cfg: BuildConfig) -> str:
+    """The input key `build` would record for `cfg`, without building (for up-to-date checks)."""
+    return input_key(cfg, hash_inputs(resolve_source(cfg, cfg.quant.plan())))
 
 
 # ---- load -----------------------------------------------------------------------------------
@@ -262,7 +280,7 @@ def versions() -> dict:
     return out
 
 
-def bundle_manifest(cfg, src: Source, plan: QuantPlan, inputs, signatures, metadata, delegation, stages) -> dict:
+def bundle_manifest(cfg, src: Source, plan: QuantPlan, inputs, key, signatures, metadata, delegation, stages) -> dict:
     ckpt = src.checkpoint
     return {
         "format": BUNDLE_FORMAT,
@@ -300,6 +318,7 @@ def bundle_manifest(cfg, src: Source, plan: QuantPlan, inputs, signatures, metad
             "stages": [r.to_dict() for r in stages.records],
             "total_seconds": round(stages.total_seconds, 3),
             "peak_rss_mib": round(stages.peak_rss_mib, 1),
+            "input_key": key,
             "config": cfg.to_dict(),
         },
     }

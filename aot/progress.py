@@ -51,9 +51,10 @@ class StageRecord:
 class Stages:
     """`with stages.stage("lower", "3 methods"):` times a stage and reports it when it ends."""
 
-    def __init__(self, quiet: bool = False, console: Console | None = None):
+    def __init__(self, quiet: bool = False, console: Console | None = None, prefix: str = ""):
         self.console = console or Console(stderr=True, highlight=False)
         self.quiet = quiet
+        self.prefix = f"{prefix}: " if prefix else ""  # which target, when several build at once
         self.records: list[StageRecord] = []
         self._t0 = time.perf_counter()
 
@@ -61,7 +62,7 @@ class Stages:
     def stage(self, name: str, detail: str = ""):
         reset_peak_rss()
         start = time.perf_counter()
-        label = f"{name}{' (' + detail + ')' if detail else ''}"
+        label = f"{self.prefix}{name}{' (' + detail + ')' if detail else ''}"
         if self.quiet:
             yield
         elif self.console.is_terminal:

@@ -1,0 +1,215 @@
+"""Building a manifest's targets, the release index, and the CI job matrix.
+
+Each target builds in a fresh worker process (memory is returned between targets and several can
+run at once with --jobs), under a per-target lock, and is skipped when its bundle is intact and
+its input key (config, input file hashes, toolchain) is unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shlex
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from aot.bundle import BUNDLE_JSON, PTE_NAME, open_bundle, read_bundle
+from aot.errors import AotError, ConfigError, OutputError, TargetLocked, TargetsFailed
+from aot.manifest import Manifest, Target
+
+RELEASE_JSON = "release.json"
+LOCKS = ".aot-locks"
+
+
+def build_targets(manifest: Manifest, names: list[str] | None = None, jobs: int = 1,
+                  fail_fast: bool = False, rebuild: bool = False, quiet: bool = False) -> list[dict]:
+    """Build the selected targets; one result per target, in manifest order."""
+    targets = manifest.select(names)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, but got {jobs}")
+    _prepare_root(manifest.root)
+    results: dict[str, dict] = {}
+    pending = list(targets)
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per target
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        running = {}
+        while pending or running:
+            while pending and len(running) < jobs and not (fail_fast and _any_failed(results)):
+                t = pending.pop(0)
+                running[pool.submit(run_target, manifest.root, t, rebuild, quiet)] = t
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                t = running.pop(future)
+                results[t.name] = future.result()
+        for t in pending:  # left out by --fail-fast
+            results[t.name] = {"name": t.name, "status": "not-built", "out": t.out,
+                               "error": {"message": "not built: an earlier target failed (--fail-fast)"}}
+    return [results[t.name] for t in targets]
+
+
+def _any_failed(results: dict) -> bool:
+    return any(r["status"] in ("failed", "locked") for r in results.values())
+
+
+def _prepare_root(root: Path) -> None:
+    try:
+        (root / LOCKS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {root}: cannot write there ({e.strerror}); choose a writable --out") from None
+
+
+@contextmanager
+def target_lock(root: Path, name: str):
+    """An exclusive lock per target, so concurrent runs on one output root never interleave."""
+    path = root / LOCKS / f"{name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise TargetLocked(f"target '{name}' is being built by {owner}; wait for it or pick other targets")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_target(root: Path, target: Target, rebuild: bool, quiet: bool) -> dict:
+    """Worker: build one target unless it is up to date. Never raises for user errors."""
+    from aot.native import quiet_libraries
+    from aot.pipeline import build, fingerprint
+    from aot.progress import Stages
+
+    quiet_libraries(debug=False)
+    start = time.perf_counter()
+    out = root / target.out
+    result = {"name": target.name, "out": target.out}
+    try:
+        with target_lock(root, target.name):
+            key = fingerprint(target.build)
+            if not rebuild and _up_to_date(out, key):
+                manifest = read_bundle(out)
+                return {**result, "status": "skipped", "reason": "up to date (same input key)",
+                        "seconds": round(time.perf_counter() - start, 1),
+                        "pte_bytes": manifest["files"][PTE_NAME]["bytes"], "input_key": key}
+            manifest = build(target.build, Stages(quiet=quiet, prefix=target.name))
+            return {**result, "status": "built", "seconds": round(time.perf_counter() - start, 1),
+                    "pte_bytes": manifest["files"][PTE_NAME]["bytes"], "input_key": key}
+    except TargetLocked as e:
+        return {**result, "status": "locked", "error": _error(e)}
+    except AotError as e:
+        return {**result, "status": "failed", "seconds": round(time.perf_counter() - start, 1), "error": _error(e)}
+
+
+def _error(e: AotError) -> dict:
+    return {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}
+
+
+def _up_to_date(out: Path, key: str) -> bool:
+    try:
+        manifest = open_bundle(out).manifest  # every sha256 checked
+    except AotError:
+        return False
+    return manifest.get("build", {}).get("input_key") == key
+
+
+def failures(results: list[dict]) -> list[dict]:
+    return [r for r in results if r["status"] not in ("built", "skipped")]
+
+
+def raise_if_failed(results: list[dict]) -> None:
+    bad = failures(results)
+    if bad:
+        raise TargetsFailed(
+            f"{len(bad)} of {len(results)} targets failed: "
+            + "; ".join(f"{r['name']}: {r['error']['message']}" for r in bad)
+        )
+
+
+def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: bool = False) -> dict:
+    """Build (or skip) every target, validate those with gates, then write release.json.
+
+    The index is written only when every target built and every gate held, so a release.json
+    on disk always describes a complete, validated release.
+    """
+    from aot.progress import Stages
+    from aot.validate import validate
+
+    results = build_targets(manifest, jobs=jobs, rebuild=rebuild, quiet=quiet)
+    raise_if_failed(results)
+    entries, failed_gates = [], []
+    for target, built in zip(manifest.targets, results):
+        bundle = open_bundle(manifest.root / target.out)
+        validation = None
+        if target.validate is not None:
+            validation = validate(bundle, target.validate, Stages(quiet=quiet, prefix=target.name))
+            if not validation["ok"]:
+                failed_gates.append(f"{target.name}: " + ", ".join(g["name"] for g in validation["gates"] if not g["ok"]))
+        m = bundle.manifest
+        entries.append({
+            "name": target.name,
+            "bundle": target.out,
+            "bundle_json_sha256": _sha256(bundle.root / BUNDLE_JSON),
+            "files": m["files"],
+            "model": m["model"]["name"], "quant": m["quant"]["scheme"], "delegate": m["delegate"],
+            "input_key": m["build"]["input_key"],
+            "build": {k: built.get(k) for k in ("status", "seconds")},
+            "validation": validation,
+        })
+    if failed_gates:
+        raise TargetsFailed("validation gates failed, no release.json written: " + "; ".join(failed_gates))
+    from aot.pipeline import versions
+
+    index = {
+        "format": "aot-release",
+        "format_version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "manifest": {"path": str(manifest.path), "sha256": manifest.sha256},
+        "versions": versions(),
+        "targets": entries,
+    }
+    _write_json(manifest.root / RELEASE_JSON, index)
+    return {**index, "path": str(manifest.root / RELEASE_JSON)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None) -> str:
+    """The target list as a CI job matrix: one `aot build --manifest F --target N` per job."""
+    if fmt not in ("json", "github"):
+        raise ConfigError(f"--format must be json or github, but got '{fmt}'")
+    jobs = []
+    for t in manifest.targets:
+        command = ["aot", "build", "--manifest", manifest_arg, "--target", t.name]
+        if root_arg:
+            command += ["--out", root_arg]
+        cfg = t.build
+        jobs.append({"target": t.name, "model": cfg.model, "delegate": cfg.delegate, "quant": cfg.quant.scheme,
+                     "out": t.out, "command": shlex.join(command)})
+    if fmt == "github":  # `echo "matrix=$(aot plan ...)" >> $GITHUB_OUTPUT`, then fromJSON(...)
+        return json.dumps({"include": jobs}, separators=(",", ":"))
+    release = ["aot", "release", "--manifest", manifest_arg] + (["--out", root_arg] if root_arg else [])
+    return json.dumps({"manifest": str(manifest.path), "root": str(manifest.root), "jobs": jobs,
+                       "collect": shlex.join(release)}, indent=2)
