@@ -19,6 +19,7 @@ import torch
 
 from aot.errors import CheckpointError, ConfigError
 from aot.model import ModelArgs, RopeScaling, Transformer
+from aot.quant.prequantized import Prequantized, detect, load_quantized
 
 META, HF = "meta", "hf"
 LLAMA32_ROPE_FACTOR = 32.0  # Meta's params.json only says use_scaled_rope; 3.2 uses factor 32
@@ -31,6 +32,7 @@ class Checkpoint:
     args: ModelArgs
     weight_files: tuple[Path, ...]
     config_files: tuple[Path, ...]
+    prequantized: Prequantized | None = None  # Meta's quantized releases (SpinQuant INT4)
 
     def files(self) -> tuple[Path, ...]:
         return self.config_files + self.weight_files
@@ -215,6 +217,8 @@ def _open_meta(path: Path) -> Checkpoint:
             "aot reads single-file Meta checkpoints (Llama 3.2 1B/3B ship as one)"
         )
     n_heads = _require(p, "n_heads", params_file)
+    sd = _load_pickle(files[0])
+    prequantized = detect(sd, p, files[0])
     args = _make_args(
         params_file,
         dim=dim,
@@ -230,9 +234,9 @@ def _open_meta(path: Path) -> Checkpoint:
             if p.get("use_scaled_rope")
             else None
         ),
-        tie_embeddings=_meta_tied(files[0]),
+        tie_embeddings=prequantized is None and _meta_tied(sd),
     )
-    return Checkpoint(path, META, args, files, (params_file,))
+    return Checkpoint(path, META, args, files, (params_file,), prequantized)
 
 
 def _load_pickle(file: Path) -> dict:
@@ -253,8 +257,7 @@ def _load_pickle(file: Path) -> dict:
     return sd
 
 
-def _meta_tied(file: Path) -> bool:
-    sd = _load_pickle(file)
+def _meta_tied(sd: dict) -> bool:
     out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
     return out is None or (emb is not None and out.shape == emb.shape and torch.equal(out, emb))
 
@@ -280,13 +283,18 @@ def _make_args(file: Path, **kw) -> ModelArgs:
 def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
     """Copy every checkpoint tensor into `model` (converting dtype), or raise naming what is off."""
     args = model.args
+    used = set()
+    if ckpt.prequantized is not None:  # the quantized tensors go in as they are
+        used = load_quantized(model, _load_pickle(ckpt.weight_files[0]), ckpt.prequantized, ckpt.weight_files[0])
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {k: tuple(v.shape) for k, v in params.items()}
+    expected = {k: tuple(v.shape) for k, v in params.items() if k not in used}
     if args.tie_embeddings:
         expected.pop("output.weight", None)
     seen, extra, misshaped = set(), [], []
     source = _iter_hf(ckpt) if ckpt.layout == HF else _iter_meta(ckpt)
     for name, get, shape in source:
+        if name in used:
+            continue
         if ckpt.layout == HF:
             mapped = _hf_to_meta_name(name, args)
             ours, convert = mapped if mapped else (None, None)

@@ -81,9 +81,10 @@ def build(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama 3.2 folder."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Untrained weights, for benchmarking only."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights [0]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights and spinquant's random rotations [0]."),
     delegate: Optional[str] = typer.Option(None, "--delegate", help="Backend: xnnpack [xnnpack]."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="none, bf16, 8da4w, 8da8w [8da4w]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none, bf16, 8da4w, 8da8w, spinquant [8da4w]."),
+    rotation: Optional[Path] = typer.Option(None, "--rotation", help="spinquant: learned R1/R2 (SpinQuant's R.bin) [random Hadamard]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="4-bit group: 32, 64, 128, 256 [32]."),
     embedding_quant: Optional[str] = typer.Option(None, "--embedding-quant", help="none, 8, 4 [8 for 8da4w/8da8w]."),
     embedding_group_size: Optional[int] = typer.Option(
@@ -107,7 +108,7 @@ def build(
         from aot.progress import Stages
 
         fields = _given(
-            model=model, checkpoint=checkpoint, tokenizer=tokenizer, seed=seed, delegate=delegate, quant=quant,
+            model=model, checkpoint=checkpoint, tokenizer=tokenizer, rotation=rotation, seed=seed, delegate=delegate, quant=quant,
             group_size=group_size, embedding_quant=embedding_quant, embedding_group_size=embedding_group_size,
             output_quant=output_quant, max_seq_len=max_seq_len, max_context_len=max_context_len, bos_id=bos_id,
             eos_ids=eos_id or None, random_weights=random_weights or None, full_logits=full_logits or None,

@@ -28,6 +28,7 @@ class BuildConfig:
     model: str | None = None
     checkpoint: Path | None = None
     tokenizer: Path | None = None
+    rotation: Path | None = None  # learned SpinQuant R1/R2 (R.bin); default: random Hadamard
     random_weights: bool = False
     seed: int = 0
     delegate: str = "xnnpack"
@@ -59,6 +60,8 @@ class BuildConfig:
             errors.append("--checkpoint and --random-weights exclude each other; drop one")
         if self.random_weights and self.model is None:
             errors.append("--random-weights needs --model NAME to know the architecture")
+        if self.rotation is not None and self.quant.scheme != "spinquant":
+            errors.append(f"--rotation applies to --quant spinquant, not --quant {self.quant.scheme}; drop one")
         if self.delegate not in BACKENDS:
             errors.append(f"unknown --delegate '{self.delegate}'; choose one of: {', '.join(sorted(BACKENDS))}")
         elif self.quant.scheme not in BACKENDS[self.delegate].schemes:
@@ -81,7 +84,7 @@ class BuildConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("out", "checkpoint", "tokenizer"):
+        for key in ("out", "checkpoint", "tokenizer", "rotation"):
             d[key] = None if d[key] is None else str(d[key])
         d["eos_ids"] = None if self.eos_ids is None else list(self.eos_ids)
         return d
@@ -93,6 +96,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
     "model": ((str,), "build", "model"),
     "checkpoint": ((str,), "build", "checkpoint"),
     "tokenizer": ((str,), "build", "tokenizer"),
+    "rotation": ((str,), "build", "rotation"),
     "random_weights": ((bool,), "build", "random_weights"),
     "seed": ((int,), "build", "seed"),
     "delegate": ((str,), "build", "delegate"),
@@ -107,7 +111,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
     "eos_ids": ((list,), "build", "eos_ids"),
     "full_logits": ((bool,), "build", "full_logits"),
 }
-_PATHS = ("checkpoint", "tokenizer")
+_PATHS = ("checkpoint", "tokenizer", "rotation")
 
 
 def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:

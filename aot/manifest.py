@@ -210,7 +210,7 @@ def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str
     validate = _validate_config(label, fields_.get("validate"), path, problems)
     if not ok:
         return None
-    for key in ("checkpoint", "tokenizer"):  # relative paths are relative to the manifest
+    for key in ("checkpoint", "tokenizer", "rotation"):  # relative paths are relative to the manifest
         if key in build_fields:
             build_fields[key] = str(_beside(path, build_fields[key]))
     try:

@@ -159,9 +159,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # gate
         self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # up
         self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)  # down
+        # SpinQuant's R4: an online Hadamard transform before w2 (aot.quant.rotation), or None.
+        self.r4: nn.Module | None = None
 
     def forward(self, x):
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        h = nn.functional.silu(self.w1(x)) * self.w3(x)
+        if self.r4 is not None:
+            h = self.r4(h)
+        return self.w2(h)
 
 
 class TransformerBlock(nn.Module):

@@ -27,6 +27,7 @@ from aot.methods import export_methods, text_methods
 from aot.model import MODELS, ModelArgs, Transformer, random_init_
 from aot.progress import Stages
 from aot.quant import QuantPlan, apply_plan
+from aot.quant.rotation import Rotations, check_sizes, fuse_rotations, load_rotations, random_rotations
 from aot.tokenizer import LLAMA3_BOS, LLAMA3_EOS, TokenizerInfo, find_tokenizer, tokenizer_info
 
 
@@ -40,6 +41,7 @@ class Source:
     tokenizer: TokenizerInfo | None
     bos_id: int
     eos_ids: tuple[int, ...]
+    rotations: Rotations | None = None  # spinquant: R1/R2 to fuse before quantizing
 
 
 def build(cfg: BuildConfig, stages: Stages) -> dict:
@@ -50,13 +52,24 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
     with Staging(cfg.out, cfg.force) as staging:
         with stages.stage("resolve"):
             src = resolve_source(cfg, plan)
+        prequantized = src.checkpoint.prequantized if src.checkpoint else None
+        if prequantized is not None:
+            plan = prequantized.plan()
         with stages.stage("hash inputs"):
-            inputs = hash_inputs(src)
+            inputs = hash_inputs(src, cfg)
             key = input_key(cfg, inputs)
         with stages.stage("load", "random weights" if cfg.random_weights else src.checkpoint.layout):
             model = load_model(src, cfg)
-        with stages.stage("quantize", plan.scheme):
-            apply_plan(model, plan)
+        rotation = None
+        if src.rotations is not None:
+            with stages.stage("rotate", src.rotations.record["source"]):
+                rotation = fuse_rotations(model, src.rotations)
+        if prequantized is not None:
+            rotation = {"source": "prequantized checkpoint (rotations fused by its producer)",
+                        "r4": f"online hadamard before w2 (n={src.args.ffn_hidden})"} if prequantized.spinquant else None
+        else:
+            with stages.stage("quantize", plan.scheme):
+                apply_plan(model, plan)
         methods = text_methods(model, cfg.max_seq_len)
         signatures = {m.name: m.signature for m in methods}
         with stages.stage("export", ", ".join(signatures)):
@@ -75,7 +88,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
         del program
         if src.tokenizer is not None:
             shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
-        manifest = bundle_manifest(cfg, src, plan, inputs, key, signatures, metadata, delegation, stages)
+        manifest = bundle_manifest(cfg, src, plan, rotation, inputs, key, signatures, metadata, delegation, stages)
         manifest = staging.commit(manifest)
     return {**manifest, "path": str(staging.out)}
 
@@ -112,9 +125,33 @@ def resolve_source(cfg: BuildConfig, plan: QuantPlan) -> Source:
         bad = [i for i in (bos, *eos) if i >= args.vocab_size]
         if bad:
             errors.append(f"bos/eos id(s) {bad} are outside the model's vocab ({args.vocab_size}); fix --bos-id/--eos-id")
+    rotations = None
+    if ckpt is not None and ckpt.prequantized is not None:
+        errors += _prequantized_errors(cfg, ckpt)
+    elif plan.scheme == "spinquant":
+        errors += check_sizes(args)
+        if not errors:
+            rotations = load_rotations(cfg.rotation, args) if cfg.rotation else random_rotations(args, cfg.seed)
     if errors:
         raise ConfigError("; ".join(errors))
-    return Source(args, name, ckpt, tok, int(bos), tuple(int(e) for e in eos))
+    return Source(args, name, ckpt, tok, int(bos), tuple(int(e) for e in eos), rotations)
+
+
+def _prequantized_errors(cfg: BuildConfig, ckpt: Checkpoint) -> list[str]:
+    """A prequantized checkpoint is built as it is: the flags may only agree with it."""
+    info, q = ckpt.prequantized, cfg.quant
+    want = "spinquant" if info.spinquant else "8da4w"
+    what = f"--checkpoint {ckpt.path} is prequantized ({'SpinQuant ' if info.spinquant else ''}INT4 g{info.group_size})"
+    errors = []
+    if q.scheme != want:
+        errors.append(f"{what}: build it with --quant {want}, not --quant {q.scheme}")
+    elif q.group_size != info.group_size:
+        errors.append(f"{what}: pass --group-size {info.group_size} (or leave it out of a manifest's overrides)")
+    if q.embedding != "default" or q.output != "default":
+        errors.append(f"{what}: its embedding and output quantization are fixed; drop --embedding-quant/--output-quant")
+    if cfg.rotation is not None:
+        errors.append(f"{what}: its rotations are already fused; drop --rotation")
+    return errors
 
 
 _ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden")
@@ -134,10 +171,12 @@ def _check_model_matches(model: str, args: ModelArgs, path: Path) -> None:
         )
 
 
-def hash_inputs(src: Source) -> dict:
+def hash_inputs(src: Source, cfg: BuildConfig) -> dict:
     files = list(src.checkpoint.files()) if src.checkpoint else []
     if src.tokenizer is not None:
         files.append(src.tokenizer.path)
+    if cfg.rotation is not None:
+        files.append(cfg.rotation.expanduser().absolute())
     return {
         str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)
     }
@@ -146,7 +185,7 @@ def hash_inputs(src: Source) -> dict:
 def input_key(cfg: BuildConfig, inputs: dict) -> str:
     """Content address of a build: its configuration, the bytes of every input file and the
     toolchain. Paths do not count (a moved checkpoint is the same input); contents do."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "checkpoint", "tokenizer")}
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "checkpoint", "tokenizer", "rotation")}
     toolchain = {k: v for k, v in versions().items() if k != "python"}
     files = sorted((Path(name).name, entry["sha256"]) for name, entry in inputs.items())
     payload = json.dumps({"config": config, "inputs": files, "toolchain": toolchain}, sort_keys=True)
@@ -155,7 +194,7 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
 
 def fingerprint(cfg: BuildConfig) -> str:
     """The input key `build` would record for `cfg`, without building (for up-to-date checks)."""
-    return input_key(cfg, hash_inputs(resolve_source(cfg, cfg.quant.plan())))
+    return input_key(cfg, hash_inputs(resolve_source(cfg, cfg.quant.plan()), cfg))
 
 
 # ---- load -----------------------------------------------------------------------------------
@@ -280,7 +319,7 @@ def versions() -> dict:
     return out
 
 
-def bundle_manifest(cfg, src: Source, plan: QuantPlan, inputs, key, signatures, metadata, delegation, stages) -> dict:
+def bundle_manifest(cfg, src: Source, plan: QuantPlan, rotation: dict | None, inputs, key, signatures, metadata, delegation, stages) -> dict:
     ckpt = src.checkpoint
     return {
         "format": BUNDLE_FORMAT,
@@ -301,7 +340,8 @@ def bundle_manifest(cfg, src: Source, plan: QuantPlan, inputs, key, signatures, 
             "kind": src.tokenizer.kind,
             "vocab_size": src.tokenizer.vocab_size,
         },
-        "quant": {**cfg.quant.to_dict(), "plan": plan.to_dict()},
+        "quant": {**cfg.quant.to_dict(), "plan": plan.to_dict(), "rotation": rotation,
+                  "prequantized": None if ckpt is None or ckpt.prequantized is None else ckpt.prequantized.to_dict()},
         "delegate": cfg.delegate,
         "export": {
             "methods": signatures,

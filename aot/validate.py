@@ -110,10 +110,17 @@ def reference_logits(bundle: Bundle, reference: Path | None, ids: list[int]) -> 
             )
         reference = Path(recorded["path"])
     ckpt = open_checkpoint(reference)
+    if ckpt.prequantized is not None:
+        raise ConfigError(
+            f"{reference} is a prequantized checkpoint, not a float reference; pass --reference the "
+            "original bf16 checkpoint of the same model"
+        )
     built = ModelArgs.from_dict(bundle.manifest["model"]["args"])
-    if ckpt.args != built:
-        diff = [f"{k} {getattr(built, k)} vs {getattr(ckpt.args, k)}" for k in built.to_dict()
-                if getattr(built, k) != getattr(ckpt.args, k)]
+    # Tying is storage, not function: a prequantized or rotated model stores its output apart.
+    fields = [k for k in built.to_dict() if k != "tie_embeddings"]
+    diff = [f"{k} {getattr(built, k)} vs {getattr(ckpt.args, k)}" for k in fields
+            if getattr(built, k) != getattr(ckpt.args, k)]
+    if diff:
         raise CheckpointError(
             f"--reference {reference} is a different model from the one {bundle.root} was built from "
             f"({', '.join(diff[:3])}); give the checkpoint the bundle was built from"

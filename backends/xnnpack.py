@@ -10,7 +10,7 @@ from aot.quant import QuantPlan
 class Xnnpack(Backend):
     name = "xnnpack"
     description = "CPU (arm64, x86-64) through XNNPACK"
-    schemes = ("none", "bf16", "8da4w", "8da8w")
+    schemes = ("none", "bf16", "8da4w", "8da8w", "spinquant")
 
     def availability(self) -> Availability:
         try:

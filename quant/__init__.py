@@ -82,6 +82,8 @@ SCHEMES: dict[str, tuple[str, int | None, str, int]] = {
     "bf16": ("bfloat16", None, "none", 0),
     "8da4w": ("float32", 4, "8da8w", 8),
     "8da8w": ("float32", 8, "8da8w", 8),
+    # 8da4w after SpinQuant rotations (aot.quant.rotation): Meta's SpinQuant_INT4_EO8 recipe.
+    "spinquant": ("float32", 4, "8da8w", 8),
 }
 OUTPUT_CHOICES = ("default", "none", "8da8w", "8da4w")
 EMBEDDING_CHOICES = ("default", "none", "8", "4")
@@ -122,7 +124,7 @@ class QuantConfig:
         if not errors and self.scheme in ("none", "bf16"):
             for flag, value in (("--embedding-quant", self.embedding), ("--output-quant", self.output)):
                 if value not in ("default", "none"):
-                    errors.append(f"{flag} {value} needs a quantized --quant scheme (8da4w or 8da8w)")
+                    errors.append(f"{flag} {value} needs a quantized --quant scheme (8da4w, 8da8w or spinquant)")
         return errors
 
     def to_dict(self) -> dict:
