@@ -342,6 +342,12 @@ def _print_bundle(b: dict, verified: bool) -> None:
     recipe = ", ".join(f"{k} {v['bits']}-bit" + (f" g{v['group_size']}" if v["group_size"] else " per-channel")
                        for k, v in (("linear", q["linear"]), ("embedding", q["embedding"]), ("output", q["output"])) if v)
     out.print(f"  quant     {q['scheme']} ({recipe or q['dtype']})   delegate {b['delegate']}")
+    rot = b["quant"].get("rotation")
+    if rot:
+        source = {"file": f"learned, {rot.get('file')} sha256 {str(rot.get('sha256'))[:16]}"}.get(
+            rot["source"], f"{rot['source']}" + (f", seed {rot['seed']}" if "seed" in rot else ""))
+        extra = "; embedding and output stored apart" if rot.get("untied_embedding") else ""
+        out.print(f"  rotation  {source}; {rot.get('r4', 'no R4')}{extra}")
     e = b["export"]
     out.print(f"  lengths   max_seq_len {e['max_seq_len']}, max_context_len {e['max_context_len']}   "
               f"bos {b['bos_id']} eos {b['eos_ids']}")
