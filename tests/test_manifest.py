@@ -185,3 +185,16 @@ def test_build_flags_and_manifest_do_not_mix(tmp_path):
     result = run_cli("build", "--manifest", path, "--quant", "none")
     assert result.exit_code == 3 and "--quant: set these in the manifest" in result.stderr
     assert run_cli("build", "--model", "demo", "--jobs", "2", "--out", tmp_path / "x").exit_code == 3
+
+
+def test_rotation_files_are_found_beside_the_manifest(tmp_path):
+    path = tmp_path / "sq.yaml"
+    path.write_text("version: 1\ntargets:\n  - {name: sq, model: demo, quant: spinquant, rotation: rot/R.bin}\n"
+                    "  - {name: plain, model: demo, quant: 8da4w, rotation: R.bin}\n")
+    with pytest.raises(ConfigError) as e:
+        load_manifest(path, tmp_path / "out")
+    assert "target 'plain'" in str(e.value) and "--rotation applies to --quant spinquant" in str(e.value)
+    path.write_text("version: 1\ntargets:\n  - {name: sq, model: demo, quant: spinquant, rotation: rot/R.bin}\n")
+    (target,) = load_manifest(path, tmp_path / "out").targets
+    assert target.build.rotation == tmp_path / "rot" / "R.bin"
+    assert target.build.quant.scheme == "spinquant"
