@@ -246,6 +246,44 @@ def run(
 
 
 @app.command()
+def simulate(
+    delegate: str = typer.Option(..., "--delegate", help="NPU delegate whose recipe to simulate: qnn."),
+    quant: str = typer.Option("16a4w", "--quant", help="16a4w, 16a8w, 8a8w [16a4w]."),
+    model: Optional[str] = typer.Option(None, "--model", help="demo (the embedded model), or give --checkpoint."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama folder."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration text [--text, past the scored tokens]."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens scored, and the length of each calibration window."),
+    calibration_windows: int = typer.Option(8, "--calibration-windows", help="Calibration windows."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Simulate an NPU delegate's quantization recipe on the host (fake-quant) and report its accuracy vs fp32."""
+    with _command(as_json, debug):
+        from aot.config import DEMO_CHECKPOINT
+        from aot.errors import ConfigError
+        from aot.progress import Stages
+        from aot.simulate import SimulateConfig
+        from aot.simulate import simulate as run_simulate
+
+        if checkpoint is None and model != "demo":
+            raise ConfigError("give --checkpoint DIR, or --model demo for the embedded demo model")
+        cfg = SimulateConfig(delegate=delegate, checkpoint=checkpoint or DEMO_CHECKPOINT, scheme=quant, text=text,
+                             calibration=calibration, max_tokens=max_tokens, calibration_windows=calibration_windows)
+        result = run_simulate(cfg, Stages(quiet=as_json))
+        if as_json:
+            print(json.dumps(result))
+        else:
+            a = result["accuracy"]
+            out.print(f"[bold]{result['delegate']} {result['scheme']}[/bold] (simulated) vs {result['checkpoint']} fp32")
+            out.print(f"  text       {result['text']['file']} ({result['text']['tokens']} tokens); calibration "
+                      f"{result['calibration']['windows']} x {result['calibration']['tokens_each']} tokens")
+            out.print(f"  perplexity reference {a['ppl_reference']:.3f}  simulated {a['ppl_bundle']:.3f}  ratio {a['ppl_ratio']:.4f}")
+            out.print(f"  agreement  top-1 {a['top1_agreement']:.2%}  mean KL {a['kl_mean']:.5f}  "
+                      f"max |logit error| {a['max_abs_logit_error']:.4f}")
+
+
+@app.command()
 def validate(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint to compare with [bundle.json's]."),

@@ -120,6 +120,9 @@ def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:
     Problems in the quantization fields and in the rest are reported together.
     """
     quant, build = {}, {}
+    backend = BACKENDS.get(fields.get("delegate"))
+    if "quant" not in fields and backend is not None and QuantConfig().scheme not in backend.schemes:
+        quant["scheme"] = backend.schemes[0]  # an NPU delegate's own default (16a4w)
     for key, value in fields.items():
         if key not in FIELDS:
             raise ConfigError(f"unknown build field '{key}'; choose one of: {', '.join(FIELDS)}")

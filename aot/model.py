@@ -138,6 +138,21 @@ class Attention(nn.Module):
         shape = (1, max_context_len, args.n_kv_heads, args.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # Plain attention: standard ops over the whole sequence from position 0, no KV cache and no
+        # custom ops; what NPU quantizers (PT2E) can annotate, used to simulate their recipes.
+        self.plain = False
+
+    def _plain_attention(self, q, k, v):
+        S, rep = q.shape[1], self.n_heads // self.n_kv_heads
+        q = q.transpose(1, 2)
+        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)
+        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+        # A finite mask, as NPU llama graphs use: -inf would give quantization observers an infinite
+        # range. exp(-255) is 0 in float32, so masking stays exact.
+        mask = torch.full((S, S), -255.0, dtype=q.dtype).triu(1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask
+        y = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return y.transpose(1, 2).reshape(1, S, self.n_heads * self.head_dim)
 
     def forward(self, x, start_pos: int, cos, sin):
         # x: [1, S, dim]; start_pos: position of x[:, 0] in the cache
@@ -146,6 +161,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(1, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(1, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.plain:
+            return self.wo(self._plain_attention(q, k, v))
         torch.ops.llama.update_cache(k, self.k_cache, start_pos)
         torch.ops.llama.update_cache(v, self.v_cache, start_pos)
         # custom_sdpa handles grouped-query heads and the causal mask from start_pos.
@@ -235,6 +252,11 @@ class Transformer(nn.Module):
         if not self.full_logits:
             h = h[:, -1, :]
         return self.output(self.norm(h))
+
+    def use_plain_attention(self) -> None:
+        """Whole-sequence attention with standard ops (forward then needs input_pos 0)."""
+        for layer in self.layers:
+            layer.attention.plain = True
 
     def reset_cache(self) -> None:
         for layer in self.layers:

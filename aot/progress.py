@@ -78,6 +78,15 @@ class Stages:
                 f"[green]✓[/green] {label:<28} {record.seconds:8.1f} s   peak {record.peak_rss_mib / 1024:6.2f} GiB"
             )
 
+    def progress(self, done: int, total: int) -> None:
+        """Within a long stage: `done` of `total` steps finished."""
+        if self.quiet:
+            return
+        if self.console.is_terminal:
+            self.console.print(f"  {self.prefix}{done}/{total}")
+        else:
+            print(f"[aot]   {self.prefix}{done}/{total}", file=sys.stderr, flush=True)
+
     @property
     def total_seconds(self) -> float:
         return time.perf_counter() - self._t0

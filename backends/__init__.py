@@ -54,4 +54,4 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
-from aot.backends import xnnpack  # noqa: E402,F401  (registers itself)
+from aot.backends import mediatek, qnn, xnnpack  # noqa: E402,F401  (each registers itself)

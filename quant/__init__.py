@@ -84,7 +84,13 @@ SCHEMES: dict[str, tuple[str, int | None, str, int]] = {
     "8da8w": ("float32", 8, "8da8w", 8),
     # 8da4w after SpinQuant rotations (aot.quant.rotation): Meta's SpinQuant_INT4_EO8 recipe.
     "spinquant": ("float32", 4, "8da8w", 8),
+    # NPU schemes (QNN, MediaTek): static 16/8-bit activations, applied by the delegate's PT2E
+    # quantizer with calibration, not by torchao; the plan only describes them.
+    "16a4w": ("float32", 4, "same", 0),
+    "16a8w": ("float32", 8, "same", 0),
+    "8a8w": ("float32", 8, "same", 0),
 }
+NPU_ACTIVATIONS = {"16a4w": "int16-static", "16a8w": "int16-static", "8a8w": "int8-static"}
 OUTPUT_CHOICES = ("default", "none", "8da8w", "8da4w")
 EMBEDDING_CHOICES = ("default", "none", "8", "4")
 
@@ -132,6 +138,9 @@ class QuantConfig:
 
     def plan(self) -> QuantPlan:
         dtype, linear_bits, default_output, default_emb_bits = SCHEMES[self.scheme]
+        if self.scheme in NPU_ACTIVATIONS:
+            npu = LayerQuant(linear_bits, 0, NPU_ACTIVATIONS[self.scheme])
+            return QuantPlan(self.scheme, dtype, npu, None, npu)
         linear = None
         if linear_bits is not None:
             linear = LayerQuant(linear_bits, self.group_size if linear_bits == 4 else 0, _INT8_DYNAMIC)
@@ -172,6 +181,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan, output_name: str = "output") -
     """Quantize `model` in place. The output projection is the nn.Linear named `output_name`."""
     from torchao.quantization import quantize_
 
+    if plan.scheme in NPU_ACTIVATIONS:
+        raise ConfigError(f"--quant {plan.scheme} is applied by an NPU delegate's quantizer, not by torchao")
     if plan.dtype == "bfloat16":
         model.to(torch.bfloat16)
     # Tied embeddings share one Parameter: each quantize_ call swaps in a new weight for its
