@@ -248,7 +248,8 @@ def run(
 @app.command()
 def simulate(
     delegate: str = typer.Option(..., "--delegate", help="NPU delegate whose recipe to simulate: qnn."),
-    quant: str = typer.Option("16a4w", "--quant", help="16a4w, 16a8w, 8a8w [16a4w]."),
+    quant: str = typer.Option("16a4w", "--quant", help="16a4w, 16a4w-block, 16a8w, 8a8w [16a4w]."),
+    group_size: int = typer.Option(32, "--group-size", help="Block size of 16a4w-block [32]."),
     model: Optional[str] = typer.Option(None, "--model", help="demo (the embedded model), or give --checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama folder."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
@@ -269,7 +270,8 @@ def simulate(
         if checkpoint is None and model != "demo":
             raise ConfigError("give --checkpoint DIR, or --model demo for the embedded demo model")
         cfg = SimulateConfig(delegate=delegate, checkpoint=checkpoint or DEMO_CHECKPOINT, scheme=quant, text=text,
-                             calibration=calibration, max_tokens=max_tokens, calibration_windows=calibration_windows)
+                             calibration=calibration, max_tokens=max_tokens, calibration_windows=calibration_windows,
+                             group_size=group_size)
         result = run_simulate(cfg, Stages(quiet=as_json))
         if as_json:
             print(json.dumps(result))

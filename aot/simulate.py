@@ -32,6 +32,7 @@ class SimulateConfig:
     calibration: Path | None = None
     max_tokens: int = 256
     calibration_windows: int = 8
+    group_size: int = 32  # block size of block-wise schemes
 
 
 def simulate(cfg: SimulateConfig, stages) -> dict:
@@ -81,9 +82,11 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
 
     from aot.backends.qnn import qnn_quantizer
 
-    with stages.stage("quantize", f"{backend.name} {cfg.scheme}"), contextlib.redirect_stdout(io.StringIO()):
+    label = cfg.scheme + (f" g{cfg.group_size}" if cfg.scheme.endswith("-block") else "")
+    with stages.stage("quantize", f"{backend.name} {label}"), contextlib.redirect_stdout(io.StringIO()):
         # The quantizer prints a line per op it leaves in float (repeat_interleave, type_as).
-        prepared = prepare_pt2e(program.module(), qnn_quantizer(cfg.scheme))
+        module = program.module()
+        prepared = prepare_pt2e(module, qnn_quantizer(cfg.scheme, module.graph, cfg.group_size))
     with stages.stage("calibrate", f"{len(windows)} x {n} tokens"), torch.no_grad(), native_output_silenced():
         for i, window in enumerate(windows):
             prepared(torch.tensor([window]), pos)
@@ -94,6 +97,7 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
     return {
         "delegate": backend.name,
         "scheme": cfg.scheme,
+        "group_size": cfg.group_size if cfg.scheme.endswith("-block") else None,
         "checkpoint": str(src.checkpoint.path),
         "text": {"file": str(text), "tokens": len(ids)},
         "calibration": {"file": str(calib), "windows": len(windows), "tokens_each": n},

@@ -21,7 +21,7 @@ from aot.quant import QuantPlan
 
 # aot scheme -> QnnQuantizer QuantDtype name: 16-bit activations with 4-bit (per-channel) or 8-bit
 # weights, or 8-bit both. ExecuTorch's Llama recipe uses 16a4w with 16a8w on sensitive layers.
-QNN_SCHEMES = {"16a4w": "use_16a4w", "16a8w": "use_16a8w", "8a8w": "use_8a8w"}
+QNN_SCHEMES = {"16a4w": "use_16a4w", "16a4w-block": "use_16a4w_block", "16a8w": "use_16a8w", "8a8w": "use_8a8w"}
 DEFAULT_QAIRT = "2.37.0.250724"  # what executorch 1.5.1's downloader names (qnn_config.sh)
 
 
@@ -50,13 +50,33 @@ def no_sdk_download() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
 
 
-def qnn_quantizer(scheme: str):
+def qnn_quantizer(scheme: str, graph=None, block: int = 32):
+    """QnnQuantizer for `scheme`; block-wise schemes need the exported `graph` to name its linears."""
     no_sdk_download()
+    import torch
     from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
+
+    from executorch.backends.qualcomm.quantizer.quantizer import ModuleQConfig
 
     quantizer = QnnQuantizer()
     quantizer.set_default_quant_config(getattr(QuantDtype, QNN_SCHEMES[scheme]), is_linear_per_channel=True)
+    if "4w" in scheme:
+        # The sensitive layer stays at 8-bit weights, as in the published recipe: the output projection.
+        quantizer.set_submodule_qconfig_list(
+            [(is_output_projection, ModuleQConfig(QuantDtype.use_16a8w, is_linear_per_channel=True))])
+    if scheme.endswith("-block"):
+        # As ExecuTorch's Qualcomm Llama flow does: every linear and its weight, blocks along the input.
+        names = {}
+        for node in graph.nodes:
+            if node.target == torch.ops.aten.linear.default and not is_output_projection(node):
+                names[node.name] = names[node.args[1].name] = (1, block)
+        quantizer.set_block_size_map(names)
     return quantizer
+
+
+def is_output_projection(node) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(name.split(".")[-1].endswith("output") for name in stack)
 
 
 @register

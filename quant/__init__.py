@@ -86,11 +86,13 @@ SCHEMES: dict[str, tuple[str, int | None, str, int]] = {
     "spinquant": ("float32", 4, "8da8w", 8),
     # NPU schemes (QNN, MediaTek): static 16/8-bit activations, applied by the delegate's PT2E
     # quantizer with calibration, not by torchao; the plan only describes them.
-    "16a4w": ("float32", 4, "same", 0),
+    "16a4w": ("float32", 4, "same", 0),  # 4-bit per output channel
+    "16a4w-block": ("float32", 4, "same", 0),  # 4-bit in blocks of --group-size
     "16a8w": ("float32", 8, "same", 0),
     "8a8w": ("float32", 8, "same", 0),
 }
-NPU_ACTIVATIONS = {"16a4w": "int16-static", "16a8w": "int16-static", "8a8w": "int8-static"}
+NPU_ACTIVATIONS = {"16a4w": "int16-static", "16a4w-block": "int16-static", "16a8w": "int16-static",
+                   "8a8w": "int8-static"}
 OUTPUT_CHOICES = ("default", "none", "8da8w", "8da4w")
 EMBEDDING_CHOICES = ("default", "none", "8", "4")
 
@@ -139,7 +141,8 @@ class QuantConfig:
     def plan(self) -> QuantPlan:
         dtype, linear_bits, default_output, default_emb_bits = SCHEMES[self.scheme]
         if self.scheme in NPU_ACTIVATIONS:
-            npu = LayerQuant(linear_bits, 0, NPU_ACTIVATIONS[self.scheme])
+            group = self.group_size if self.scheme.endswith("-block") else 0
+            npu = LayerQuant(linear_bits, group, NPU_ACTIVATIONS[self.scheme])
             return QuantPlan(self.scheme, dtype, npu, None, npu)
         linear = None
         if linear_bits is not None:

@@ -87,3 +87,22 @@ def test_qnn_recipe_simulated_on_the_demo_model(no_network):
 def test_simulation_is_only_for_delegates_that_have_one(no_network):
     result = run_cli("simulate", "--delegate", "mediatek", "--model", "demo")
     assert result.exit_code == 6 and "no host simulation" in result.stderr
+
+
+def test_only_the_output_projection_is_kept_at_8_bit(hf_ckpt):
+    from aot.backends.qnn import is_output_projection
+
+    model = our_model(hf_ckpt)
+    model.use_plain_attention()
+    graph = torch.export.export(model, (TOKENS, torch.tensor([0])), strict=False).module().graph
+    linears = [n for n in graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert len(linears) == 7 * 2 + 1
+    assert [n.args[1].name for n in linears if is_output_projection(n)] == ["output_weight"]
+
+
+def test_block_wise_recipe_simulates(no_network):
+    result = run_cli("simulate", "--delegate", "qnn", "--model", "demo", "--quant", "16a4w-block",
+                     "--group-size", 16, "--max-tokens", 64, "--calibration-windows", 2, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["group_size"] == 16 and report["accuracy"]["kl_mean"] > 0
