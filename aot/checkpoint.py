@@ -262,8 +262,7 @@ def _meta_tied(sd: dict) -> bool:
     return out is None or (emb is not None and out.shape == emb.shape and torch.equal(out, emb))
 
 
-def _iter_meta(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
-    sd = _load_pickle(ckpt.weight_files[0])
+def _iter_meta(ckpt: Checkpoint, sd: dict) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
     for name, t in sd.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{ckpt.weight_files[0]}: entry '{name}' is a {type(t).__name__}, not a tensor")
@@ -283,15 +282,16 @@ def _make_args(file: Path, **kw) -> ModelArgs:
 def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
     """Copy every checkpoint tensor into `model` (converting dtype), or raise naming what is off."""
     args = model.args
+    sd = _load_pickle(ckpt.weight_files[0]) if ckpt.layout == META else None
     used = set()
     if ckpt.prequantized is not None:  # the quantized tensors go in as they are
-        used = load_quantized(model, _load_pickle(ckpt.weight_files[0]), ckpt.prequantized, ckpt.weight_files[0])
+        used = load_quantized(model, sd, ckpt.prequantized, ckpt.weight_files[0])
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {k: tuple(v.shape) for k, v in params.items() if k not in used}
     if args.tie_embeddings:
         expected.pop("output.weight", None)
     seen, extra, misshaped = set(), [], []
-    source = _iter_hf(ckpt) if ckpt.layout == HF else _iter_meta(ckpt)
+    source = _iter_hf(ckpt) if ckpt.layout == HF else _iter_meta(ckpt, sd)
     for name, get, shape in source:
         if name in used:
             continue

@@ -280,9 +280,7 @@ def simulate(
             out.print(f"[bold]{result['delegate']} {result['scheme']}[/bold] (simulated) vs {result['checkpoint']} fp32")
             out.print(f"  text       {result['text']['file']} ({result['text']['tokens']} tokens); calibration "
                       f"{result['calibration']['windows']} x {result['calibration']['tokens_each']} tokens")
-            out.print(f"  perplexity reference {a['ppl_reference']:.3f}  simulated {a['ppl_bundle']:.3f}  ratio {a['ppl_ratio']:.4f}")
-            out.print(f"  agreement  top-1 {a['top1_agreement']:.2%}  mean KL {a['kl_mean']:.5f}  "
-                      f"max |logit error| {a['max_abs_logit_error']:.4f}")
+            _print_accuracy(a, "simulated")
 
 
 @app.command()
@@ -384,8 +382,10 @@ def _print_bundle(b: dict, verified: bool) -> None:
     out.print(f"  quant     {q['scheme']} ({recipe or q['dtype']})   delegate {b['delegate']}")
     rot = b["quant"].get("rotation")
     if rot:
-        source = {"file": f"learned, {rot.get('file')} sha256 {str(rot.get('sha256'))[:16]}"}.get(
-            rot["source"], f"{rot['source']}" + (f", seed {rot['seed']}" if "seed" in rot else ""))
+        if rot["source"] == "file":
+            source = f"learned, {rot['file']} sha256 {rot['sha256'][:16]}"
+        else:
+            source = rot["source"] + (f", seed {rot['seed']}" if "seed" in rot else "")
         extra = "; embedding and output stored apart" if rot.get("untied_embedding") else ""
         out.print(f"  rotation  {source}; {rot.get('r4', 'no R4')}{extra}")
     e = b["export"]
@@ -407,9 +407,7 @@ def _print_validation(r: dict) -> None:
     out.print(f"[bold]{r['bundle']}[/bold]  ({r['model']}, {r['quant']})  vs  {ref['checkpoint']} fp32"
               + ("" if ref["is_build_input"] else "  [yellow](not the build's input files)[/yellow]"))
     out.print(f"  text       {r['text']['file']} ({r['text']['tokens']} tokens, {a['positions']} predictions)")
-    out.print(f"  perplexity reference {a['ppl_reference']:.3f}  bundle {a['ppl_bundle']:.3f}  ratio {a['ppl_ratio']:.4f}")
-    out.print(f"  agreement  top-1 {a['top1_agreement']:.2%}  mean KL {a['kl_mean']:.5f}  "
-              f"max |logit error| {a['max_abs_logit_error']:.4f}")
+    _print_accuracy(a, "bundle")
     if s:
         out.print(f"  speed      load {s['load_s'] * 1000:.0f} ms; prefill {s['prefill_tps']['median']:.1f} tok/s "
                   f"({s['prompt_tokens']} tokens), decode {s['decode_tps']['median']:.1f} tok/s "
@@ -418,6 +416,12 @@ def _print_validation(r: dict) -> None:
     for g in r["gates"]:
         mark = "[green]pass[/green]" if g["ok"] else "[red]FAIL[/red]"
         out.print(f"  gate       {mark} {g['name']}: {g['value']} {g['op']} {g['threshold']}")
+
+
+def _print_accuracy(a: dict, label: str) -> None:
+    out.print(f"  perplexity reference {a['ppl_reference']:.3f}  {label} {a['ppl_bundle']:.3f}  ratio {a['ppl_ratio']:.4f}")
+    out.print(f"  agreement  top-1 {a['top1_agreement']:.2%}  mean KL {a['kl_mean']:.5f}  "
+              f"max |logit error| {a['max_abs_logit_error']:.4f}")
 
 
 def _write_atomically(path: Path, text: str) -> None:

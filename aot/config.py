@@ -84,7 +84,7 @@ class BuildConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("out", "checkpoint", "tokenizer", "rotation"):
+        for key in ("out", *PATH_FIELDS):
             d[key] = None if d[key] is None else str(d[key])
         d["eos_ids"] = None if self.eos_ids is None else list(self.eos_ids)
         return d
@@ -111,7 +111,9 @@ FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
     "eos_ids": ((list,), "build", "eos_ids"),
     "full_logits": ((bool,), "build", "full_logits"),
 }
-_PATHS = ("checkpoint", "tokenizer", "rotation")
+# Input files: relative to the manifest in manifests, and not part of a build's input key (their
+# contents are, by sha256).
+PATH_FIELDS = ("checkpoint", "tokenizer", "rotation")
 
 
 def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:
@@ -127,7 +129,7 @@ def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:
         if key not in FIELDS:
             raise ConfigError(f"unknown build field '{key}'; choose one of: {', '.join(FIELDS)}")
         _, where, name = FIELDS[key]
-        if key in _PATHS:
+        if key in PATH_FIELDS:
             value = Path(value).expanduser()
         elif key == "eos_ids":
             value = tuple(value)

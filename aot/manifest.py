@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from aot.config import FIELDS, BuildConfig, build_config
+from aot.config import FIELDS, PATH_FIELDS, BuildConfig, build_config
 from aot.errors import ConfigError
 from aot.validate import Gates, ValidateConfig
 
@@ -210,7 +210,7 @@ def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str
     validate = _validate_config(label, fields_.get("validate"), path, problems)
     if not ok:
         return None
-    for key in ("checkpoint", "tokenizer", "rotation"):  # relative paths are relative to the manifest
+    for key in PATH_FIELDS:  # relative paths are relative to the manifest
         if key in build_fields:
             build_fields[key] = str(_beside(path, build_fields[key]))
     try:

@@ -21,13 +21,15 @@ from aot import __version__
 from aot.backends import Backend, get_backend
 from aot.bundle import BUNDLE_FORMAT, FORMAT_VERSION, PTE_NAME, Staging
 from aot.checkpoint import Checkpoint, load_weights, open_checkpoint, sha256_file
-from aot.config import BuildConfig
+from aot.config import PATH_FIELDS, BuildConfig
 from aot.errors import BuildError, CheckpointError, ConfigError
 from aot.methods import export_methods, text_methods
 from aot.model import MODELS, ModelArgs, Transformer, random_init_
 from aot.progress import Stages
 from aot.quant import QuantPlan, apply_plan
-from aot.quant.rotation import Rotations, check_sizes, fuse_rotations, load_rotations, random_rotations
+from aot.quant.rotation import (
+    Rotations, check_sizes, describe_r4, fuse_rotations, load_rotations, random_rotations,
+)
 from aot.tokenizer import LLAMA3_BOS, LLAMA3_EOS, TokenizerInfo, find_tokenizer, tokenizer_info
 
 
@@ -66,7 +68,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
                 rotation = fuse_rotations(model, src.rotations)
         if prequantized is not None:
             rotation = {"source": "prequantized checkpoint (rotations fused by its producer)",
-                        "r4": f"online hadamard before w2 (n={src.args.ffn_hidden})"} if prequantized.spinquant else None
+                        "r4": describe_r4(src.args)} if prequantized.spinquant else None
         else:
             with stages.stage("quantize", plan.scheme):
                 apply_plan(model, plan)
@@ -185,7 +187,7 @@ def hash_inputs(src: Source, cfg: BuildConfig) -> dict:
 def input_key(cfg: BuildConfig, inputs: dict) -> str:
     """Content address of a build: its configuration, the bytes of every input file and the
     toolchain. Paths do not count (a moved checkpoint is the same input); contents do."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "checkpoint", "tokenizer", "rotation")}
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", *PATH_FIELDS)}
     toolchain = {k: v for k, v in versions().items() if k != "python"}
     files = sorted((Path(name).name, entry["sha256"]) for name, entry in inputs.items())
     payload = json.dumps({"config": config, "inputs": files, "toolchain": toolchain}, sort_keys=True)

@@ -119,8 +119,9 @@ def _tensor(qdata: torch.Tensor, scales: torch.Tensor, bits: int, dynamic: bool,
 
 
 def load_quantized(model, sd: dict, info: Prequantized, file) -> set[str]:
-    """Put every quantized tensor of `sd` into `model`; returns the checkpoint names it consumed."""
-    from aot.quant.rotation import OnlineHadamard
+    """Put every quantized tensor of `sd` into `model` (and R4, for SpinQuant); returns the
+    checkpoint names it consumed."""
+    from aot.quant.rotation import add_online_r4
 
     modules = dict(model.named_modules())
     targets = [(f"layers.{i}.{lin}", 4, True) for i in range(model.args.n_layers) for lin in _LINEARS]
@@ -140,6 +141,5 @@ def load_quantized(model, sd: dict, info: Prequantized, file) -> set[str]:
         module.weight = nn.Parameter(_tensor(w, s, bits, dynamic, f"{file}: {fqn}"), requires_grad=False)
         used.update(k for k in (f"{fqn}.weight", f"{fqn}.scales", f"{fqn}.zeros") if k in sd)
     if info.spinquant:
-        for layer in model.layers:
-            layer.feed_forward.r4 = OnlineHadamard(model.args.ffn_hidden)
+        add_online_r4(model)
     return used

@@ -78,17 +78,28 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
+def _fast_hadamard(x: torch.Tensor, p: int, paley: torch.Tensor | None) -> torch.Tensor:
+    """The Sylvester part (size p) with ExecuTorch's kernel over the last dimension, then, for
+    n = m * p, the orthonormal m x m Paley factor `paley` as a matmul over the m blocks."""
+    if paley is None:
+        return torch.ops.llama.fast_hadamard_transform(x)
+    y = torch.ops.llama.fast_hadamard_transform(x.reshape(-1, paley.shape[0], p))
+    return torch.matmul(paley, y).reshape(x.shape)
+
+
+def _paley_factor(m: int) -> torch.Tensor | None:
+    return _paley(_PALEY[m]) / m**0.5 if m > 1 else None
+
+
 def hadamard_rows(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """x @ hadamard(n).T (or x @ hadamard(n) with transpose) over the last dimension, in
     O(n log n) per row with the fast kernel: for fusing Hadamard rotations into big weights."""
     _load_custom_ops()
-    n = x.shape[-1]
-    m, p = hadamard_factors(n)
-    y = torch.ops.llama.fast_hadamard_transform(x.reshape(-1, m, p).contiguous())
-    if m > 1:
-        paley = (_paley(_PALEY[m]) / m**0.5).to(x.dtype)
-        y = torch.matmul(paley.T if transpose else paley, y)
-    return y.reshape(x.shape)
+    m, p = hadamard_factors(x.shape[-1])
+    paley = _paley_factor(m)
+    if paley is not None:
+        paley = (paley.T if transpose else paley).to(x.dtype)
+    return _fast_hadamard(x.contiguous(), p, paley)
 
 
 class OnlineHadamard(nn.Module):
@@ -106,15 +117,11 @@ class OnlineHadamard(nn.Module):
         if factors is None:
             raise ConfigError(f"no online Hadamard transform of size {n}: it must be 2^k, 12*2^k or 20*2^k")
         self.n, (self.m, self.p) = n, factors
-        paley = _paley(_PALEY[self.m]) / self.m**0.5 if self.m > 1 else torch.ones(1, 1, dtype=torch.float64)
-        self.register_buffer("paley", paley.float(), persistent=False)
+        paley = _paley_factor(self.m)
+        self.register_buffer("paley", None if paley is None else paley.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.m == 1:
-            return torch.ops.llama.fast_hadamard_transform(x)
-        shape = x.shape
-        y = torch.ops.llama.fast_hadamard_transform(x.reshape(-1, self.m, self.p))
-        return torch.matmul(self.paley, y).reshape(shape)
+        return _fast_hadamard(x, self.p, self.paley)
 
     def extra_repr(self) -> str:
         return f"n={self.n}" + (f" ({self.m} x {self.p})" if self.m > 1 else "")
@@ -276,11 +283,21 @@ def fuse_rotations(model, rot: Rotations, online_r4: bool = True) -> dict:
         # w2 @ H.T with the fast transform, not a dense [ffn, ffn] matmul (on the 1B that matmul
         # alone took ~30 s of a 71 s rotate stage).
         for layer in model.layers:
-            ffn = layer.feed_forward
-            _set(ffn.w2, hadamard_rows(_w(ffn.w2)))
-            ffn.r4 = OnlineHadamard(args.ffn_hidden)
-        record["r4"] = f"online hadamard before w2 (n={args.ffn_hidden})"
+            _set(layer.feed_forward.w2, hadamard_rows(_w(layer.feed_forward.w2)))
+        record["r4"] = add_online_r4(model)
     return record
+
+
+def add_online_r4(model) -> str:
+    """R4 at run time: the Hadamard transform before every w2 (whose weight must already carry its
+    inverse). Returns what bundle.json records about it."""
+    for layer in model.layers:
+        layer.feed_forward.r4 = OnlineHadamard(model.args.ffn_hidden)
+    return describe_r4(model.args)
+
+
+def describe_r4(args) -> str:
+    return f"online hadamard before w2 (n={args.ffn_hidden})"
 
 
 def check_sizes(args, online_r4: bool = True) -> list[str]:

@@ -4,6 +4,7 @@ rotation files, the built bundle, and Meta-style prequantized checkpoints."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def test_bad_rotation_files_are_refused_before_building(case, message, hf_ckpt, 
     assert result.exit_code == 3, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("aot: error")]
     assert len(errors) == 1 and "--rotation" in errors[0]
-    assert __import__("re").search(message, result.stderr), result.stderr
+    assert re.search(message, result.stderr), result.stderr
     assert not out.exists()
 
 
