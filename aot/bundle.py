@@ -134,6 +134,19 @@ class Bundle:
     def pte(self) -> Path:
         return self.root / PTE_NAME
 
+    def require_host_runnable(self) -> None:
+        """Static-shape NPU bundles (prefill/decode methods lowered for a device) do not run on
+        the host's runners; say where they do."""
+        target = self.manifest.get("target") or {}
+        if "prefill_len" in target:
+            from aot.errors import DelegateUnavailable
+
+            d = target.get("delegate")
+            raise DelegateUnavailable(
+                f"{self.root}: a {d} bundle for {target.get('soc')} (prefill/decode methods for the NPU) runs on "
+                f"the device with ExecuTorch's {d} runtime, not on this host; `aot simulate --delegate {d}` "
+                "measures its recipe's accuracy here")
+
     @property
     def tokenizer(self) -> Path:
         tok = self.manifest.get("tokenizer")

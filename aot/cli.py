@@ -82,8 +82,12 @@ def build(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Untrained weights, for benchmarking only."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights and spinquant's random rotations [0]."),
-    delegate: Optional[str] = typer.Option(None, "--delegate", help="Backend: xnnpack [xnnpack]."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="none, bf16, 8da4w, 8da8w, spinquant [8da4w]."),
+    delegate: Optional[str] = typer.Option(None, "--delegate", help="Backend: xnnpack, qnn, mediatek [xnnpack]."),
+    soc: Optional[str] = typer.Option(None, "--soc", help="qnn: SM8650, SM8750, ... [SM8650]; mediatek: mt6989, mt6991 [mt6989]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: KV cache 8 or 16 bits [the activations' width]."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="qnn/mediatek: calibration text [demo held-out text]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="xnnpack: none, bf16, 8da4w, 8da8w, spinquant [8da4w]; "
+                                        "qnn: 16a4w, 16a4w-block, 16a8w, 8a8w; mediatek: 16a4w, 16a8w, 8a8w [16a4w]."),
     rotation: Optional[Path] = typer.Option(None, "--rotation", help="spinquant: learned R1/R2 (SpinQuant's R.bin) [random Hadamard]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="4-bit group: 32, 64, 128, 256 [32]."),
     embedding_quant: Optional[str] = typer.Option(None, "--embedding-quant", help="none, 8, 4 [8 for 8da4w/8da8w]."),
@@ -91,7 +95,7 @@ def build(
         None, "--embedding-group-size", help="0 = per-channel [0 for 8-bit, 32 for 4-bit]."
     ),
     output_quant: Optional[str] = typer.Option(None, "--output-quant", help="none, 8da8w, 8da4w [8da8w when quantized]."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prefill chunk [128]."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prefill chunk; NPUs: the fixed prefill length [128]."),
     max_context_len: Optional[int] = typer.Option(None, "--max-context-len", help="KV cache length [2048]."),
     bos_id: Optional[int] = typer.Option(None, "--bos-id", help="Override the tokenizer's BOS id."),
     eos_id: Optional[List[int]] = typer.Option(None, "--eos-id", help="Override EOS ids (repeatable)."),
@@ -109,6 +113,7 @@ def build(
 
         fields = _given(
             model=model, checkpoint=checkpoint, tokenizer=tokenizer, rotation=rotation, seed=seed, delegate=delegate, quant=quant,
+            soc=soc, kv_bits=kv_bits, calibration=calibration,
             group_size=group_size, embedding_quant=embedding_quant, embedding_group_size=embedding_group_size,
             output_quant=output_quant, max_seq_len=max_seq_len, max_context_len=max_context_len, bos_id=bos_id,
             eos_ids=eos_id or None, random_weights=random_weights or None, full_logits=full_logits or None,
@@ -247,9 +252,12 @@ def run(
 
 @app.command()
 def simulate(
-    delegate: str = typer.Option(..., "--delegate", help="NPU delegate whose recipe to simulate: qnn."),
-    quant: str = typer.Option("16a4w", "--quant", help="16a4w, 16a4w-block, 16a8w, 8a8w [16a4w]."),
+    delegate: str = typer.Option(..., "--delegate", help="NPU delegate whose recipe to simulate: qnn, mediatek."),
+    quant: str = typer.Option("16a4w", "--quant", help="qnn: 16a4w, 16a4w-block, 16a8w, 8a8w; mediatek: 16a4w, 16a8w, 8a8w [16a4w]."),
     group_size: int = typer.Option(32, "--group-size", help="Block size of 16a4w-block [32]."),
+    soc: Optional[str] = typer.Option(None, "--soc", help="Target chip, recorded [the delegate's default]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: KV cache 8 or 16 bits [the activations' width]."),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="Tokens in the prefill call; the rest decode [max-tokens / 2]."),
     model: Optional[str] = typer.Option(None, "--model", help="demo (the embedded model), or give --checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama folder."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
@@ -271,16 +279,21 @@ def simulate(
             raise ConfigError("give --checkpoint DIR, or --model demo for the embedded demo model")
         cfg = SimulateConfig(delegate=delegate, checkpoint=checkpoint or DEMO_CHECKPOINT, scheme=quant, text=text,
                              calibration=calibration, max_tokens=max_tokens, calibration_windows=calibration_windows,
-                             group_size=group_size)
+                             group_size=group_size, prefill_len=prefill_len, kv_bits=kv_bits, soc=soc)
         result = run_simulate(cfg, Stages(quiet=as_json))
         if as_json:
             print(json.dumps(result))
         else:
             a = result["accuracy"]
-            out.print(f"[bold]{result['delegate']} {result['scheme']}[/bold] (simulated) vs {result['checkpoint']} fp32")
-            out.print(f"  text       {result['text']['file']} ({result['text']['tokens']} tokens); calibration "
+            kv = f", {result['kv_bits']}-bit KV cache" if result["kv_bits"] else ""
+            out.print(f"[bold]{result['delegate']} {result['soc']} {result['scheme']}{kv}[/bold] (simulated) vs "
+                      f"{result['checkpoint']} fp32")
+            out.print(f"  text       {result['text']['file']} ({result['text']['tokens']} tokens: prefill "
+                      f"{result['prefill_len']}, then decode); calibration "
                       f"{result['calibration']['windows']} x {result['calibration']['tokens_each']} tokens")
             _print_accuracy(a, "simulated")
+            out.print(f"  top-1 in prefill {result['accuracy_prefill']['top1_agreement']:.2%}, in decode "
+                      f"{result['accuracy_decode']['top1_agreement']:.2%}")
 
 
 @app.command()

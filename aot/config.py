@@ -32,6 +32,9 @@ class BuildConfig:
     random_weights: bool = False
     seed: int = 0
     delegate: str = "xnnpack"
+    soc: str | None = None  # NPU delegates' target chip; default: the delegate's first
+    kv_bits: int | None = None  # NPU delegates: KV-cache width; default: the activations' width
+    calibration: Path | None = None  # NPU delegates: PT2E calibration text; default: demo held-out
     quant: QuantConfig = field(default_factory=QuantConfig)
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     max_context_len: int = DEFAULT_MAX_CONTEXT_LEN
@@ -43,6 +46,8 @@ class BuildConfig:
     def __post_init__(self):
         if self.model == "demo" and self.checkpoint is None and not self.random_weights:
             object.__setattr__(self, "checkpoint", DEMO_CHECKPOINT)  # the demo ships its weights
+        if self.soc is None and self.delegate in BACKENDS and BACKENDS[self.delegate]().socs():
+            object.__setattr__(self, "soc", BACKENDS[self.delegate]().socs()[0])
         errors = self.errors()
         if errors:
             raise ConfigError("; ".join(errors))
@@ -64,11 +69,8 @@ class BuildConfig:
             errors.append(f"--rotation applies to --quant spinquant, not --quant {self.quant.scheme}; drop one")
         if self.delegate not in BACKENDS:
             errors.append(f"unknown --delegate '{self.delegate}'; choose one of: {', '.join(sorted(BACKENDS))}")
-        elif self.quant.scheme not in BACKENDS[self.delegate].schemes:
-            errors.append(
-                f"--delegate {self.delegate} does not take --quant {self.quant.scheme}; "
-                f"choose one of: {', '.join(BACKENDS[self.delegate].schemes)}"
-            )
+        else:
+            errors += self._delegate_errors(BACKENDS[self.delegate]())
         if not 1 <= self.max_seq_len <= self.max_context_len:
             errors.append(
                 f"--max-seq-len must be between 1 and --max-context-len ({self.max_context_len}), "
@@ -80,6 +82,23 @@ class BuildConfig:
             errors.append(f"--bos-id must be >= 0, but got {self.bos_id}")
         if self.eos_ids is not None and (not self.eos_ids or min(self.eos_ids) < 0):
             errors.append(f"--eos-id must be one or more ids >= 0, but got {list(self.eos_ids)}")
+        return errors
+
+    def _delegate_errors(self, backend) -> list[str]:
+        errors, name = [], self.delegate
+        if self.quant.scheme not in backend.schemes:
+            errors.append(f"--delegate {name} does not take --quant {self.quant.scheme}; "
+                          f"choose one of: {', '.join(backend.schemes)}")
+        socs = backend.socs()
+        if self.soc is not None and not socs:
+            errors.append(f"--soc applies to NPU delegates, not --delegate {name}; drop it")
+        elif self.soc is not None and self.soc not in socs:
+            errors.append(f"unknown --soc '{self.soc}' for --delegate {name}; choose one of: {', '.join(socs)}")
+        if self.kv_bits is not None and self.kv_bits not in backend.kv_bits:
+            errors.append(f"--kv-bits {self.kv_bits}: --delegate {name} takes "
+                          + (", ".join(map(str, backend.kv_bits)) if backend.kv_bits else "no --kv-bits; drop it"))
+        if self.calibration is not None and not backend.static_shapes:
+            errors.append(f"--calibration applies to NPU delegates (PT2E), not --delegate {name}; drop it")
         return errors
 
     def to_dict(self) -> dict:
@@ -100,6 +119,9 @@ FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
     "random_weights": ((bool,), "build", "random_weights"),
     "seed": ((int,), "build", "seed"),
     "delegate": ((str,), "build", "delegate"),
+    "soc": ((str,), "build", "soc"),
+    "kv_bits": ((int,), "build", "kv_bits"),
+    "calibration": ((str,), "build", "calibration"),
     "quant": ((str,), "quant", "scheme"),
     "group_size": ((int,), "quant", "group_size"),
     "embedding_quant": ((str, int), "quant", "embedding"),
@@ -113,7 +135,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
 }
 # Input files: relative to the manifest in manifests, and not part of a build's input key (their
 # contents are, by sha256).
-PATH_FIELDS = ("checkpoint", "tokenizer", "rotation")
+PATH_FIELDS = ("checkpoint", "tokenizer", "rotation", "calibration")
 
 
 def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:

@@ -17,8 +17,11 @@ def diagnose() -> dict:
 
     delegates = {}
     for name, cls in sorted(BACKENDS.items()):
-        status = cls().availability()
-        delegates[name] = {"available": status.ok, "reason": status.reason, "description": cls.description}
+        backend = cls()
+        status = backend.availability()
+        delegates[name] = {"available": status.ok, "reason": status.reason, "description": cls.description,
+                           "schemes": list(cls.schemes), "socs": list(backend.socs()),
+                           "simulate": cls.static_shapes}  # `aot simulate` runs its recipe here
     return {"versions": versions(), "host": host_info(), "delegates": delegates}
 
 

@@ -138,31 +138,37 @@ class Attention(nn.Module):
         shape = (1, max_context_len, args.n_kv_heads, args.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        # Plain attention: standard ops over the whole sequence from position 0, no KV cache and no
-        # custom ops; what NPU quantizers (PT2E) can annotate, used to simulate their recipes.
-        self.plain = False
+        # Static attention (NPU delegates): standard ops and static shapes. The cache is written
+        # with index_copy at the call's positions and every call attends over the whole cache under
+        # a mask, so a prefill chunk and a one-token decode are two fixed graphs sharing the cache;
+        # what PT2E quantizers annotate and QNN/NeuroPilot lower.
+        self.static = False
 
-    def _plain_attention(self, q, k, v):
+    def _static_attention(self, q, k, v, positions):
+        # q: [1, S, H, D]; k, v: [1, S, KV, D]; positions: [S] absolute positions of this call
         S, rep = q.shape[1], self.n_heads // self.n_kv_heads
+        self.k_cache.index_copy_(1, positions, k)
+        self.v_cache.index_copy_(1, positions, v)
         q = q.transpose(1, 2)
-        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)
-        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+        keys = self.k_cache.repeat_interleave(rep, dim=2).transpose(1, 2)
+        values = self.v_cache.repeat_interleave(rep, dim=2).transpose(1, 2)
         # A finite mask, as NPU llama graphs use: -inf would give quantization observers an infinite
         # range. exp(-255) is 0 in float32, so masking stays exact.
-        mask = torch.full((S, S), -255.0, dtype=q.dtype).triu(1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask
-        y = torch.matmul(torch.softmax(scores, dim=-1), v)
+        visible = torch.arange(self.k_cache.shape[1])[None, :] <= positions[:, None]
+        mask = torch.where(visible, 0.0, -255.0).to(q.dtype)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(self.head_dim) + mask
+        y = torch.matmul(torch.softmax(scores, dim=-1), values)
         return y.transpose(1, 2).reshape(1, S, self.n_heads * self.head_dim)
 
-    def forward(self, x, start_pos: int, cos, sin):
-        # x: [1, S, dim]; start_pos: position of x[:, 0] in the cache
+    def forward(self, x, start_pos, cos, sin):
+        # x: [1, S, dim]; start_pos: position of x[:, 0] in the cache (static: [S] positions tensor)
         _, S, _ = x.shape
         q = self.wq(x).view(1, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(1, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(1, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.plain:
-            return self.wo(self._plain_attention(q, k, v))
+        if self.static:
+            return self.wo(self._static_attention(q, k, v, start_pos))
         torch.ops.llama.update_cache(k, self.k_cache, start_pos)
         torch.ops.llama.update_cache(v, self.v_cache, start_pos)
         # custom_sdpa handles grouped-query heads and the causal mask from start_pos.
@@ -241,11 +247,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         S = tokens.shape[1]
-        start_pos = input_pos[-1].item()
-        torch._check(start_pos >= 0)
-        torch._check(start_pos + S <= self.max_context_len)
-        cos = self.freqs_cos.narrow(0, start_pos, S)
-        sin = self.freqs_sin.narrow(0, start_pos, S)
+        if self.static:  # positions as a tensor: no data-dependent shapes
+            start_pos = input_pos[-1] + torch.arange(S)
+            cos, sin = self.freqs_cos.index_select(0, start_pos), self.freqs_sin.index_select(0, start_pos)
+        else:
+            start_pos = input_pos[-1].item()
+            torch._check(start_pos >= 0)
+            torch._check(start_pos + S <= self.max_context_len)
+            cos = self.freqs_cos.narrow(0, start_pos, S)
+            sin = self.freqs_sin.narrow(0, start_pos, S)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin)
@@ -253,10 +263,14 @@ class Transformer(nn.Module):
             h = h[:, -1, :]
         return self.output(self.norm(h))
 
-    def use_plain_attention(self) -> None:
-        """Whole-sequence attention with standard ops (forward then needs input_pos 0)."""
+    @property
+    def static(self) -> bool:
+        return self.layers[0].attention.static
+
+    def use_static_attention(self) -> None:
+        """Static-shape attention with standard ops (NPU delegates); the same logits."""
         for layer in self.layers:
-            layer.attention.plain = True
+            layer.attention.static = True
 
     def reset_cache(self) -> None:
         for layer in self.layers:

@@ -62,27 +62,33 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
             key = input_key(cfg, inputs)
         with stages.stage("load", "random weights" if cfg.random_weights else src.checkpoint.layout):
             model = load_model(src, cfg)
-        rotation = None
+        rotation, calibration = None, None
         if src.rotations is not None:
             with stages.stage("rotate", src.rotations.record["source"]):
                 rotation = fuse_rotations(model, src.rotations)
         if prequantized is not None:
             rotation = {"source": "prequantized checkpoint (rotations fused by its producer)",
                         "r4": describe_r4(src.args)} if prequantized.spinquant else None
+        if backend.static_shapes:  # NPUs: PT2E-quantized prefill/decode graphs sharing the KV cache
+            from aot.npu import static_programs
+
+            programs, signatures, calibration = static_programs(model, src, cfg, backend, stages)
         else:
-            with stages.stage("quantize", plan.scheme):
-                apply_plan(model, plan)
-        methods = text_methods(model, cfg.max_seq_len)
-        signatures = {m.name: m.signature for m in methods}
-        with stages.stage("export", ", ".join(signatures)):
-            programs = export_methods(methods)
-        del model, methods
-        metadata = runner_metadata(src, cfg)
-        with stages.stage("lower", backend.name):
-            edge = lower(programs, backend, plan, metadata)
+            if prequantized is None:
+                with stages.stage("quantize", plan.scheme):
+                    apply_plan(model, plan)
+            methods = text_methods(model, cfg.max_seq_len)
+            signatures = {m.name: m.signature for m in methods}
+            with stages.stage("export", ", ".join(signatures)):
+                programs = export_methods(methods)
+            del methods
+        del model
+        metadata = runner_metadata(src, cfg, backend)
+        with stages.stage("lower", backend.name + (f" {cfg.soc}" if cfg.soc else "")):
+            edge = lower(programs, backend, plan, metadata, cfg.soc)
         del programs
         with stages.stage("serialize"):
-            program = to_executorch(edge)
+            program = to_executorch(edge, share_mutable_buffers=backend.static_shapes)
             del edge
             delegation = delegation_report(program)
             with open(staging.dir / PTE_NAME, "wb") as f:
@@ -91,6 +97,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
         if src.tokenizer is not None:
             shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
         manifest = bundle_manifest(cfg, src, plan, rotation, inputs, key, signatures, metadata, delegation, stages)
+        manifest["target"] = {**backend.bundle_fields(cfg), "calibration": calibration}
         manifest = staging.commit(manifest)
     return {**manifest, "path": str(staging.out)}
 
@@ -179,6 +186,10 @@ def hash_inputs(src: Source, cfg: BuildConfig) -> dict:
         files.append(src.tokenizer.path)
     if cfg.rotation is not None:
         files.append(cfg.rotation.expanduser().absolute())
+    if get_backend(cfg.delegate).static_shapes and src.tokenizer is not None:
+        from aot.validate import text_file
+
+        files.append(text_file(cfg.calibration).absolute())  # PT2E calibration text
     return {
         str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)
     }
@@ -217,28 +228,29 @@ def load_model(src: Source, cfg: BuildConfig) -> Transformer:
 # ---- lower and serialize --------------------------------------------------------------------
 
 
-def runner_metadata(src: Source, cfg: BuildConfig) -> dict:
+def runner_metadata(src: Source, cfg: BuildConfig, backend: Backend) -> dict:
     """Constant methods ExecuTorch's LLM runners read (see LLAMA32.md)."""
+    static = backend.static_shapes  # fixed prefill chunk and plain-op attention over the cache
     return {
         "get_max_seq_len": cfg.max_seq_len,
         "get_max_context_len": cfg.max_context_len,
         "get_vocab_size": src.args.vocab_size,
         "get_n_layers": src.args.n_layers,
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": True,
-        "enable_dynamic_shape": cfg.max_seq_len > 1,
+        "use_sdpa_with_kv_cache": not static,
+        "enable_dynamic_shape": cfg.max_seq_len > 1 and not static,
         "get_bos_id": src.bos_id,
         "get_eos_ids": list(src.eos_ids),
     }
 
 
-def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict):
+def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, soc: str | None = None):
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     try:
         return to_edge_transform_and_lower(
             programs,
-            partitioner={name: backend.partitioners(name, plan) for name in programs},
+            partitioner={name: backend.partitioners(name, plan, soc) for name in programs},
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
             constant_methods=metadata,
         )
@@ -246,7 +258,7 @@ def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict):
         raise BuildError(f"lowering to {backend.name} failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def to_executorch(edge):
+def to_executorch(edge, share_mutable_buffers: bool = False):
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -257,7 +269,10 @@ def to_executorch(edge):
                 extract_delegate_segments=True,
                 # Fuses torchao's dequantize + embedding into quantized_decomposed::embedding_*.
                 do_quant_fusion_and_const_prop=True,
-                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                # Static-shape methods (prefill, decode) plan their KV-cache buffers in one place.
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False,
+                                                        share_mutable_buffers=share_mutable_buffers),
+                emit_mutable_buffer_names=share_mutable_buffers,
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
             )
         )

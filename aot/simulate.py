@@ -1,9 +1,10 @@
 """`aot simulate`: an NPU delegate's quantization recipe, run on the host in fake-quant.
 
 Before touching a device (or without the vendor SDK at all), a team can see what the recipe costs
-in accuracy: the model in whole-sequence form with standard ops (what PT2E quantizers annotate),
-`torch.export`, the delegate's quantizer (`prepare_pt2e`), calibration on text, `convert_pt2e`, then
-the same metrics as `aot validate` against the fp32 model on held-out text.
+in accuracy: the model as the device runs it (static prefill and decode graphs sharing the KV cache,
+aot.npu), the delegate's PT2E quantizer (QnnQuantizer or NeuropilotQuantizer), calibration on text,
+convert, then the same metrics as `aot validate` against the fp32 model on held-out text: the first
+--prefill-len tokens in one prefill call, the rest one decode call each.
 
 The evaluated tokens are the first --max-tokens of --text; calibration uses --calibration-windows
 windows of the same length from --calibration, skipping the evaluated tokens when both are the
@@ -12,15 +13,14 @@ same file, so the model is never calibrated on what it is scored on.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from aot.errors import ConfigError, DelegateUnavailable
+from aot.errors import ConfigError
 from aot.native import native_output_silenced
+from aot.npu import export_static, quantize_static, windows_from
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class SimulateConfig:
     max_tokens: int = 256
     calibration_windows: int = 8
     group_size: int = 32  # block size of block-wise schemes
+    prefill_len: int | None = None  # default: half of max_tokens
+    kv_bits: int | None = None
+    soc: str | None = None  # recorded; the simulation is the same for every chip
 
 
 def simulate(cfg: SimulateConfig, stages) -> dict:
@@ -44,64 +47,71 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
     from aot.validate import compare, text_file
 
     backend = get_backend(cfg.delegate)
-    if backend.name != "qnn":
-        raise DelegateUnavailable(f"--delegate {backend.name}: no host simulation of its quantizer yet (qnn has one)")
+    if not backend.static_shapes:
+        raise ConfigError(f"--delegate {backend.name}: nothing to simulate, its bundles run here; use `aot validate`")
     if cfg.scheme not in backend.schemes:
         raise ConfigError(f"--quant {cfg.scheme}: --delegate {backend.name} takes {', '.join(backend.schemes)}")
-    if cfg.max_tokens < 2 or cfg.calibration_windows < 1:
-        raise ConfigError("--max-tokens must be >= 2 and --calibration-windows >= 1")
+    n = cfg.max_tokens
+    P = cfg.prefill_len if cfg.prefill_len is not None else n // 2
+    if n < 2 or cfg.calibration_windows < 1 or not 1 <= P < n:
+        raise ConfigError("--max-tokens must be >= 2, --calibration-windows >= 1 and --prefill-len between 1 "
+                          f"and --max-tokens - 1, but got {n}, {cfg.calibration_windows}, {P}")
+    if cfg.kv_bits is not None and cfg.kv_bits not in backend.kv_bits:
+        raise ConfigError(f"--kv-bits {cfg.kv_bits}: --delegate {backend.name} takes "
+                          + (", ".join(map(str, backend.kv_bits)) or "no --kv-bits"))
+    soc = cfg.soc or backend.socs()[0]
+    if soc not in backend.socs():
+        raise ConfigError(f"unknown --soc '{soc}' for --delegate {backend.name}; choose one of: {', '.join(backend.socs())}")
     text, calib = text_file(cfg.text), text_file(cfg.calibration or cfg.text)
 
     with stages.stage("load", "fp32"):
         build = BuildConfig(out=Path("unused"), checkpoint=cfg.checkpoint, quant=QuantConfig(scheme="none"),
-                            max_seq_len=cfg.max_tokens, max_context_len=cfg.max_tokens, full_logits=True)
+                            max_seq_len=n, max_context_len=n, full_logits=True)
         src = resolve_source(build, build.quant.plan())
         if src.tokenizer is None:
             raise ConfigError(f"--checkpoint {cfg.checkpoint}: has no tokenizer to read --text with")
         tok, _ = load_tokenizer(src.tokenizer.path)
         model = load_model(src, build)
-        model.use_plain_attention()
 
         def encode(path: Path) -> list[int]:
             return [src.bos_id] + list(tok.encode(path.read_text(errors="replace"), 0, 0))
 
-        n = cfg.max_tokens
         ids = encode(text)[:n]
         if len(ids) < n:
             raise ConfigError(f"--text {text}: has {len(ids)} tokens, fewer than --max-tokens {n}")
-        calib_ids = encode(calib)[n if calib == text else 0 :]
-        windows = [calib_ids[i : i + n] for i in range(0, len(calib_ids) - n + 1, n)][: cfg.calibration_windows]
+        windows = windows_from(encode(calib)[n if calib == text else 0 :], n, cfg.calibration_windows)
         if not windows:
             raise ConfigError(f"--calibration {calib}: needs at least {n} tokens beyond the evaluated ones")
-    pos = torch.tensor([0])
     with stages.stage("reference", "fp32"), torch.no_grad():
-        ref = model(torch.tensor([ids]), pos)[0]
-    with stages.stage("export"):
-        program = torch.export.export(model, (torch.tensor([ids]), pos), strict=False)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from aot.backends.qnn import qnn_quantizer
-
+        ref = model(torch.tensor([ids]), torch.tensor([0]))[0]
+        model.reset_cache()
+    model.use_static_attention()
+    with stages.stage("export", f"prefill [1, {P}], decode [1, 1]"):
+        pair = export_static(model, P)
     label = cfg.scheme + (f" g{cfg.group_size}" if cfg.scheme.endswith("-block") else "")
-    with stages.stage("quantize", f"{backend.name} {label}"), contextlib.redirect_stdout(io.StringIO()):
-        # The quantizer prints a line per op it leaves in float (repeat_interleave, type_as).
-        module = program.module()
-        prepared = prepare_pt2e(module, qnn_quantizer(cfg.scheme, module.graph, cfg.group_size))
-    with stages.stage("calibrate", f"{len(windows)} x {n} tokens"), torch.no_grad(), native_output_silenced():
-        for i, window in enumerate(windows):
-            prepared(torch.tensor([window]), pos)
-            stages.progress(i + 1, len(windows))
-    with stages.stage("simulate"), torch.no_grad():
-        converted = convert_pt2e(prepared)
-        got = converted(torch.tensor([ids]), pos)[0]
+    label += f", {cfg.kv_bits}-bit KV cache" if cfg.kv_bits else ""
+
+    def make(graph):
+        return backend.quantizer(cfg.scheme, graph, cfg.group_size, cfg.kv_bits)
+
+    pair = quantize_static(pair, make, windows, stages, f"{backend.name} {label}")
+    with stages.stage("simulate", f"prefill {P} + decode {n - P}"), torch.no_grad(), native_output_silenced():
+        got = pair.run(ids)
+    target = torch.tensor(ids)
     return {
         "delegate": backend.name,
+        "soc": soc,
         "scheme": cfg.scheme,
         "group_size": cfg.group_size if cfg.scheme.endswith("-block") else None,
+        "kv_bits": cfg.kv_bits,
+        "prefill_len": P,
         "checkpoint": str(src.checkpoint.path),
         "text": {"file": str(text), "tokens": len(ids)},
         "calibration": {"file": str(calib), "windows": len(windows), "tokens_each": n},
-        "accuracy": compare(ref, got, torch.tensor(ids)),
-        "note": "fake-quant simulation of the delegate's PT2E recipe on whole-sequence attention; "
-                "the device kernels and KV-cache quantization are not simulated",
+        "accuracy": compare(ref, got, target),
+        # Positions scored by the prefill graph, and by the decode graph reading the shared cache.
+        "accuracy_prefill": compare(ref[:P], got[:P], target[:P]),
+        "accuracy_decode": compare(ref[P - 1 :], got[P - 1 :], target[P - 1 :]),
+        "note": "fake-quant simulation of the delegate's PT2E recipe on the static prefill/decode graphs; "
+                "the device's kernels and accumulation are not simulated",
     }

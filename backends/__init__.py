@@ -20,17 +20,41 @@ class Availability:
 
 
 class Backend:
+    """One delegate: its name, the schemes it takes, whether it runs here, its quantizer and
+    partitioners, and what its bundles record."""
+
     name: str = ""
     description: str = ""
-    # Quantization schemes (quant.SCHEMES keys) this delegate can lower.
+    # Quantization schemes (quant.SCHEMES keys) this delegate can lower; the first is its default.
     schemes: tuple[str, ...] = ()
+    # Static-shape delegates (NPUs) get `prefill` (max_seq_len tokens) and `decode` (1 token)
+    # methods sharing the KV cache, quantized by their PT2E quantizer; the others get `forward`
+    # with a dynamic length, quantized by torchao.
+    static_shapes: bool = False
+    # KV-cache bit widths the delegate's recipe can store (--kv-bits); empty: not configurable.
+    kv_bits: tuple[int, ...] = ()
+
+    def socs(self) -> tuple[str, ...]:
+        """Target chips `--soc` takes, the default first; empty when the delegate has none."""
+        return ()
 
     def availability(self) -> Availability:
         raise NotImplementedError
 
-    def partitioners(self, method_name: str, plan: QuantPlan) -> list:
+    def quantizer(self, scheme: str, graph, group_size: int, kv_bits: int | None):
+        """The PT2E quantizer of a static-shape delegate for one exported graph."""
+        raise NotImplementedError(f"{self.name} quantizes with torchao, not PT2E")
+
+    def partitioners(self, method_name: str, plan: QuantPlan, soc: str | None = None) -> list:
         """ExecuTorch partitioners for one method of a model quantized by `plan`."""
         raise NotImplementedError
+
+    def bundle_fields(self, cfg) -> dict:
+        """What bundle.json records under "target" for a build of `cfg`."""
+        fields = {"delegate": self.name, "soc": cfg.soc}
+        if self.static_shapes:
+            fields.update(prefill_len=cfg.max_seq_len, decode_len=1, kv_bits=cfg.kv_bits)
+        return fields
 
     def require(self) -> None:
         """Raise DelegateUnavailable with the reason when this delegate cannot run here."""

@@ -22,7 +22,7 @@ class Xnnpack(Backend):
             return Availability(False, "this executorch runtime was built without XnnpackBackend")
         return Availability(True, "partitioner and runtime kernel present (executorch wheel)")
 
-    def partitioners(self, method_name: str, plan: QuantPlan) -> list:
+    def partitioners(self, method_name: str, plan: QuantPlan, soc: str | None = None) -> list:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         # Greedy: dynamically quantized linears and every fp32/bf16 op XNNPACK supports.

@@ -53,6 +53,7 @@ class StockEngine:
     name = "stock"
 
     def __init__(self, bundle: Bundle):
+        bundle.require_host_runnable()
         load_kernels()  # llama::custom_sdpa/update_cache and quantized embeddings for the runner
         with native_output_silenced():
             from executorch.extension.llm.runner import TextLLMRunner
@@ -99,6 +100,7 @@ class PythonEngine:
     def __init__(self, bundle: Bundle):
         from aot.tokenizer import load_tokenizer
 
+        bundle.require_host_runnable()
         load_kernels()  # imports, not counted as load time
         start = time.perf_counter()
         with native_output_silenced():
