@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -181,15 +182,16 @@ def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, d // 2, 2, dim).transpose(1, 2).reshape(out_features, dim)
 
 
-def _iter_hf(ckpt: Checkpoint) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
+def _iter_hf(ckpt: Checkpoint, stack: ExitStack) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
+    """Every tensor's name, reader and shape; the files stay open (memory-mapped) until `stack` closes."""
     from safetensors import SafetensorError, safe_open
 
     for file in ckpt.weight_files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    shape = tuple(f.get_slice(name).get_shape())
-                    yield name, (lambda f=f, name=name: f.get_tensor(name)), shape
+            f = stack.enter_context(safe_open(str(file), framework="pt"))
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                yield name, (lambda f=f, name=name: f.get_tensor(name)), shape
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-download it") from None
 
@@ -281,51 +283,76 @@ def _make_args(file: Path, **kw) -> ModelArgs:
 
 def load_weights(model: Transformer, ckpt: Checkpoint) -> None:
     """Copy every checkpoint tensor into `model` (converting dtype), or raise naming what is off."""
-    args = model.args
-    sd = _load_pickle(ckpt.weight_files[0]) if ckpt.layout == META else None
-    used = set()
-    if ckpt.prequantized is not None:  # the quantized tensors go in as they are
-        used = load_quantized(model, sd, ckpt.prequantized, ckpt.weight_files[0])
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {k: tuple(v.shape) for k, v in params.items() if k not in used}
-    if args.tie_embeddings:
-        expected.pop("output.weight", None)
-    seen, extra, misshaped = set(), [], []
-    source = _iter_hf(ckpt) if ckpt.layout == HF else _iter_meta(ckpt, sd)
-    for name, get, shape in source:
-        if name in used:
-            continue
-        if ckpt.layout == HF:
-            mapped = _hf_to_meta_name(name, args)
-            ours, convert = mapped if mapped else (None, None)
-        else:
-            ours, convert = (name if name in params else None), None
-        if ours == "output.weight" and args.tie_embeddings:
-            continue  # tied: the output projection is the embedding
-        if ours is None or ours not in expected:
-            if not name.endswith("rotary_emb.inv_freq"):
-                extra.append(f"{name} {list(shape)}")
-            continue
-        if shape != expected[ours]:
-            misshaped.append(f"{name}: checkpoint {list(shape)}, model expects {list(expected[ours])}")
-            seen.add(ours)  # present, only the wrong shape: not also "missing"
-            continue
-        try:
-            tensor = get()
-        except Exception as e:  # safetensors/torch raise several types for truncated data
-            raise CheckpointError(f"{name}: could not be read from {ckpt.path} ({e}); re-download it") from None
-        with torch.no_grad():
-            params[ours].copy_(convert(tensor) if convert else tensor)
-        seen.add(ours)
-    missing = [f"{m} {list(expected[m])}" for m in sorted(set(expected) - seen, key=_natural)]
-    groups = [(kind, items) for kind, items in (("mis-shaped", misshaped), ("missing", missing),
-                                                ("unexpected", extra)) if items]
-    if groups:
-        shown = "; ".join(
-            f"{len(items)} {kind}: " + ", ".join(items[:2]) + (", ..." if len(items) > 2 else "")
-            for kind, items in groups
-        )
-        raise CheckpointError(f"--checkpoint {ckpt.path}: weights do not fit its config: {shown}")
+    with ExitStack() as stack:
+        weights = WeightReader(model, ckpt, stack)
+        weights.fill(model, weights.names)
+
+
+class WeightReader:
+    """Which checkpoint tensor fills which parameter of `model` (a meta model will do: only names
+    and shapes are read), every mismatch reported at once before any weight is read; then `fill`
+    reads the tensors of some parameters, so a model can be loaded part by part."""
+
+    def __init__(self, model: Transformer, ckpt: Checkpoint, stack: ExitStack):
+        args = model.args
+        self.ckpt = ckpt
+        sd = _load_pickle(ckpt.weight_files[0]) if ckpt.layout == META else None
+        self.prequantized = set()
+        if ckpt.prequantized is not None:  # the quantized tensors go in as they are
+            self.prequantized = load_quantized(model, sd, ckpt.prequantized, ckpt.weight_files[0])
+        params = dict(model.named_parameters(remove_duplicate=False))
+        expected = {k: tuple(v.shape) for k, v in params.items() if k not in self.prequantized}
+        if args.tie_embeddings:
+            expected.pop("output.weight", None)
+        self.readers: dict[str, tuple[str, Callable, Callable | None]] = {}
+        seen, extra, misshaped = set(), [], []
+        source = _iter_hf(ckpt, stack) if ckpt.layout == HF else _iter_meta(ckpt, sd)
+        for name, get, shape in source:
+            if name in self.prequantized:
+                continue
+            if ckpt.layout == HF:
+                mapped = _hf_to_meta_name(name, args)
+                ours, convert = mapped if mapped else (None, None)
+            else:
+                ours, convert = (name if name in params else None), None
+            if ours == "output.weight" and args.tie_embeddings:
+                continue  # tied: the output projection is the embedding
+            if ours is None or ours not in expected:
+                if not name.endswith("rotary_emb.inv_freq"):
+                    extra.append(f"{name} {list(shape)}")
+                continue
+            if shape != expected[ours]:
+                misshaped.append(f"{name}: checkpoint {list(shape)}, model expects {list(expected[ours])}")
+                seen.add(ours)  # present, only the wrong shape: not also "missing"
+                continue
+            self.readers[ours] = (name, get, convert)
+            seen.add(ours)
+        missing = [f"{m} {list(expected[m])}" for m in sorted(set(expected) - seen, key=_natural)]
+        groups = [(kind, items) for kind, items in (("mis-shaped", misshaped), ("missing", missing),
+                                                    ("unexpected", extra)) if items]
+        if groups:
+            shown = "; ".join(
+                f"{len(items)} {kind}: " + ", ".join(items[:2]) + (", ..." if len(items) > 2 else "")
+                for kind, items in groups
+            )
+            raise CheckpointError(f"--checkpoint {ckpt.path}: weights do not fit its config: {shown}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.readers)
+
+    def fill(self, model: Transformer, names) -> None:
+        """Read the checkpoint tensors of parameters `names` into `model` (already materialised)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for ours in names:
+            name, get, convert = self.readers[ours]
+            try:
+                tensor = get()
+            except Exception as e:  # safetensors/torch raise several types for truncated data
+                raise CheckpointError(f"{name}: could not be read from {self.ckpt.path} ({e}); re-download it") from None
+            with torch.no_grad():
+                params[ours].copy_(convert(tensor) if convert else tensor)
+            del tensor
 
 
 def _natural(name: str) -> list:

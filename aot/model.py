@@ -8,6 +8,7 @@ ones are permuted once at load time (see aot/checkpoint.py).
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -283,12 +284,18 @@ def _load_custom_ops() -> None:
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 
 
-def random_init_(model: Transformer, seed: int) -> None:
-    """Deterministic random weights (for benchmarking builds; never for accuracy claims)."""
-    g = torch.Generator().manual_seed(seed)
+def random_init_(model: Transformer, seed: int, names: set[str] | None = None) -> None:
+    """Deterministic random weights (for benchmarking builds; never for accuracy claims).
+
+    Each parameter draws from its own generator, seeded by `seed` and its name, so a model filled
+    part by part (`names`) gets the same weights as one filled at once.
+    """
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if names is not None and name not in names:
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=g)

@@ -60,8 +60,14 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
         with stages.stage("hash inputs"):
             inputs = hash_inputs(src, cfg)
             key = input_key(cfg, inputs)
-        with stages.stage("load", "random weights" if cfg.random_weights else src.checkpoint.layout):
-            model = load_model(src, cfg)
+        streamed = STREAMED_LOAD and not backend.static_shapes and prequantized is None and src.rotations is None
+        source = "random weights" if cfg.random_weights else src.checkpoint.layout
+        if streamed:  # each part quantized as it is loaded: the fp32 model never exists whole
+            with stages.stage("load + quantize", f"{source}, {plan.scheme}"):
+                model = load_quantized(src, cfg, plan, stages.progress)
+        else:
+            with stages.stage("load", source):
+                model = load_model(src, cfg)
         rotation, calibration = None, None
         if src.rotations is not None:
             with stages.stage("rotate", src.rotations.record["source"]):
@@ -74,7 +80,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
 
             programs, signatures, calibration = static_programs(model, src, cfg, backend, stages)
         else:
-            if prequantized is None:
+            if prequantized is None and not streamed:
                 with stages.stage("quantize", plan.scheme):
                     apply_plan(model, plan)
             methods = text_methods(model, cfg.max_seq_len)
@@ -222,6 +228,49 @@ def load_model(src: Source, cfg: BuildConfig) -> Transformer:
         random_init_(model, cfg.seed)
     else:
         load_weights(model, src.checkpoint)
+    return model.eval()
+
+
+# Load and quantize part by part (False: the whole fp32 model first, then quantize; the same bytes).
+STREAMED_LOAD = True
+
+
+def load_quantized(src: Source, cfg: BuildConfig, plan: QuantPlan, progress=None) -> Transformer:
+    """The model materialised one part at a time (embedding, output projection and final norm;
+    then each decoder layer), each part's weights read (or drawn) and quantized before the next is
+    allocated. Peak memory: the quantized model plus one part in fp32 (the tied embedding's fp32
+    table until both it and the output projection are quantized from it)."""
+    from contextlib import ExitStack
+
+    from aot.checkpoint import WeightReader
+    from aot.model import rope_frequencies
+
+    args = src.args
+    with torch.device("meta"):
+        model = Transformer(args, cfg.max_context_len, full_logits=cfg.full_logits)
+    model.freqs_cos, model.freqs_sin = rope_frequencies(args, cfg.max_context_len)
+    parts = [("tok_embeddings", "output", "norm")] + [(f"layers.{i}",) for i in range(args.n_layers)]
+    with ExitStack() as stack:
+        reader = WeightReader(model, src.checkpoint, stack) if src.checkpoint is not None else None
+        for done, group in enumerate(parts):
+            for name in group:
+                if name == "output" and args.tie_embeddings:
+                    model.output.weight = model.tok_embeddings.weight
+                else:
+                    model.get_submodule(name).to_empty(device="cpu")
+            names = {n for n, _ in model.named_parameters() if n.split(".")[0] in group or n.startswith(group[0] + ".")}
+            if reader is None:
+                random_init_(model, cfg.seed, names)
+            else:
+                reader.fill(model, [n for n in reader.names if n in names])
+            for name in group:
+                for buf in model.get_submodule(name).buffers():
+                    buf.zero_()  # KV caches
+            apply_plan(model, plan, parts=group)
+            if progress is not None:
+                progress(done + 1, len(parts))
+    if plan.dtype == "bfloat16":  # as apply_plan's whole-model .to() does for the rope tables
+        model.freqs_cos, model.freqs_sin = model.freqs_cos.bfloat16(), model.freqs_sin.bfloat16()
     return model.eval()
 
 

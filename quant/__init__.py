@@ -180,26 +180,72 @@ def _torchao_config(recipe: LayerQuant):
     return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity)
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, output_name: str = "output") -> nn.Module:
-    """Quantize `model` in place. The output projection is the nn.Linear named `output_name`."""
+def apply_plan(model: nn.Module, plan: QuantPlan, output_name: str = "output",
+               parts: tuple[str, ...] | None = None) -> nn.Module:
+    """Quantize `model` in place. The output projection is the nn.Linear named `output_name`.
+
+    `parts` (submodule names) limits it to those submodules, so a model can be quantized part by
+    part as each is materialised (the rest may still be on the meta device).
+    """
     from torchao.quantization import quantize_
 
     if plan.scheme in NPU_ACTIVATIONS:
         raise ConfigError(f"--quant {plan.scheme} is applied by an NPU delegate's quantizer, not by torchao")
+
+    def inside(fqn: str) -> bool:
+        return parts is None or any(fqn == p or fqn.startswith(p + ".") for p in parts)
+
     if plan.dtype == "bfloat16":
-        model.to(torch.bfloat16)
+        for name in parts or ("",):
+            model.get_submodule(name).to(torch.bfloat16)
     # Tied embeddings share one Parameter: each quantize_ call swaps in a new weight for its
     # module, so the embedding and the output projection end up stored (and quantized) separately.
     steps = (
-        (plan.embedding, lambda m, fqn: isinstance(m, nn.Embedding)),
-        (plan.output, lambda m, fqn: isinstance(m, nn.Linear) and fqn == output_name),
-        (plan.linear, lambda m, fqn: isinstance(m, nn.Linear) and fqn != output_name),
+        (plan.embedding, lambda m, fqn: isinstance(m, nn.Embedding) and inside(fqn)),
+        (plan.output, lambda m, fqn: isinstance(m, nn.Linear) and fqn == output_name and inside(fqn)),
+        (plan.linear, lambda m, fqn: isinstance(m, nn.Linear) and fqn != output_name and inside(fqn)),
     )
     with torch.no_grad():
         for recipe, filter_fn in steps:
-            if recipe is not None:
-                quantize_(model, _torchao_config(recipe), filter_fn=filter_fn)
+            if recipe is None:
+                continue
+            config = _torchao_config(recipe)
+            for fqn, module in list(model.named_modules()):
+                if filter_fn(module, fqn):
+                    _quantize_by_rows(module, config)
     return model
+
+
+# Weights with more rows than this (the 128k-row embedding and output projection) are quantized a
+# slice of rows at a time: torchao's quantize_ holds several fp32-sized temporaries of the whole
+# matrix (2 GB for Llama 3.2 1B's embedding). Rows are quantized independently (one scale per row,
+# or per group within a row), so the result is the same bytes.
+CHUNK_ROWS = 16384
+
+
+def _quantize_by_rows(module: nn.Module, config) -> None:
+    from torchao.quantization import quantize_
+
+    def quantize(m: nn.Module) -> torch.Tensor:
+        quantize_(m, config, filter_fn=lambda mod, fqn: mod is m)
+        return m.weight
+
+    weight = module.weight
+    rows = weight.shape[0]
+    if rows <= CHUNK_ROWS:
+        quantize(module)
+        return
+    pieces = []
+    for start in range(0, rows, CHUNK_ROWS):
+        part = weight[start : start + CHUNK_ROWS]
+        piece = nn.Embedding(*part.shape) if isinstance(module, nn.Embedding) else nn.Linear(part.shape[1], part.shape[0], bias=False)
+        piece.weight = nn.Parameter(part, requires_grad=False)
+        pieces.append(quantize(piece))
+    first = pieces[0]
+    data = {name: torch.cat([getattr(p, name) for p in pieces]) for name in first.tensor_data_names}
+    attrs = {name: getattr(first, name) for name in first.tensor_attribute_names}
+    del pieces, weight
+    module.weight = nn.Parameter(type(first)(**data, **attrs), requires_grad=False)
 
 
 def estimate_weight_bytes(args, plan: QuantPlan | dict) -> int:
