@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--max-context-len", type=int, default=2048)
     p.add_argument("--skip-export-llm", action="store_true")
+    p.add_argument("--skip-aot", action="store_true",
+                   help="only export_llm; its run is merged into an existing results file of the same machine")
     p.add_argument("--preset", action="store_true", help="also build aot's default 8da4w recipe")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
@@ -86,7 +88,8 @@ def main() -> None:
                       "stages": bundle["build"]["stages"], "delegation": bundle["delegation"]["forward"]}
         print(f"[bench]   {measured['seconds']} s, peak {measured['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
 
-    aot_build("aot", ["--embedding-quant", "none", "--output-quant", "8da4w"])
+    if not args.skip_aot:
+        aot_build("aot", ["--embedding-quant", "none", "--output-quant", "8da4w"])
     if args.preset:
         aot_build("aot-preset", [])
 
@@ -108,32 +111,42 @@ def main() -> None:
         runs["export_llm"] = {**measured, "pte_bytes": (work / "export_llm.pte").stat().st_size}
         print(f"[bench]   {measured['seconds']} s, peak {measured['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
 
+    file = args.out / f"build_{args.model}.json"
+    if file.exists():  # runs measured earlier on this machine (e.g. --skip-export-llm, then --skip-aot)
+        earlier = json.loads(file.read_text())
+        if earlier.get("machine", {}).get("cpu") == host_info()["cpu"]:
+            runs = {**earlier.get("runs", {}), **runs}
     result = {
         "model": args.model, "quant": f"8da4w g{args.group_size}", "delegate": "xnnpack",
         "max_seq_len": args.max_seq_len, "max_context_len": args.max_context_len,
         "machine": {**host_info(), "python": platform.python_version()},
         "runs": runs, "work_dir": str(work),
     }
-    if "export_llm" in runs:
+    if "export_llm" in runs and "aot" in runs:
         e, a = runs["export_llm"], runs["aot"]
         result["ratio_aot_over_export_llm"] = {
             "seconds": round(a["seconds"] / e["seconds"], 3),
             "peak_rss": round(a["peak_rss_mib"] / e["peak_rss_mib"], 3),
             "pte_bytes": round(a["pte_bytes"] / e["pte_bytes"], 3),
         }
-    file = args.out / f"build_{args.model}.json"
     file.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n| build ({args.model}, 8da4w g{args.group_size}, XNNPACK) | wall | peak RSS | model.pte |")
-    print("|---|---|---|---|")
+    lines = [f"| build ({args.model}, 8da4w g{args.group_size}, XNNPACK) | wall | peak RSS | model.pte |",
+             "|---|---|---|---|"]
     for name, r in runs.items():
-        print(f"| {name} | {r['seconds']:.0f} s | {r['peak_rss_mib'] / 1024:.2f} GiB | {r['pte_bytes'] / 2**20:.0f} MiB |")
+        lines.append(f"| {name} | {r['seconds']:.0f} s | {r['peak_rss_mib'] / 1024:.2f} GiB | {r['pte_bytes'] / 2**20:,.0f} MiB |")
     if "ratio_aot_over_export_llm" in result:
         r = result["ratio_aot_over_export_llm"]
-        print(f"| aot / export_llm | {r['seconds']:.2f}x | {r['peak_rss']:.2f}x | {r['pte_bytes']:.2f}x |")
-    print("\naot stages:", ", ".join(f"{s['name']} {s['seconds']:.0f} s / {s['peak_rss_mib'] / 1024:.2f} GiB"
-                                     for s in runs["aot"]["stages"]))
-    print(f"wrote {file}; bundles and logs in {work}")
+        lines.append(f"| aot / export_llm | {r['seconds']:.2f}x | {r['peak_rss']:.2f}x | {r['pte_bytes']:.2f}x |")
+    lines.append("")
+    if "aot" in runs:
+        lines.append("aot stages: " + ", ".join(f"{s['name']} {s['seconds']:.0f} s / {s['peak_rss_mib'] / 1024:.2f} GiB"
+                                             for s in runs["aot"]["stages"]))
+    lines.append(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+                 f"{result['machine']['memory_gib']} GiB")
+    file.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"wrote {file} and {file.with_suffix('.md')}; bundles and logs in {work}")
 
 
 if __name__ == "__main__":
