@@ -297,12 +297,13 @@ def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, soc
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     try:
-        return to_edge_transform_and_lower(
-            programs,
-            partitioner={name: backend.partitioners(name, plan, soc) for name in programs},
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=metadata,
-        )
+        with backend.lowering_context():
+            return to_edge_transform_and_lower(
+                programs,
+                partitioner={name: backend.partitioners(name, plan, soc) for name in programs},
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods=metadata,
+            )
     except Exception as e:  # surface lowering failures as one line; --debug shows the traceback
         raise BuildError(f"lowering to {backend.name} failed: {type(e).__name__}: {_first_line(e)}") from e
 

@@ -6,6 +6,7 @@ and one `@register` line; the pipeline never branches on the delegate's name.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,10 @@ class Backend:
     def partitioners(self, method_name: str, plan: QuantPlan, soc: str | None = None) -> list:
         """ExecuTorch partitioners for one method of a model quantized by `plan`."""
         raise NotImplementedError
+
+    def lowering_context(self):
+        """A context manager around lowering (local workarounds of ExecuTorch); none by default."""
+        return contextlib.nullcontext()
 
     def bundle_fields(self, cfg) -> dict:
         """What bundle.json records under "target" for a build of `cfg`."""

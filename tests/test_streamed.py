@@ -60,3 +60,21 @@ def test_row_chunked_quantization_gives_the_same_tensors(hf_ckpt, monkeypatch):
         a, b = whole.get_submodule(name).weight, chunked.get_submodule(name).weight
         assert type(a) is type(b) and a.block_size == b.block_size
         assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in a.tensor_data_names), name
+
+
+def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, tmp_path, monkeypatch):
+    """backends/xnnpack.py's workaround: ExecuTorch deep-copies each delegated subgraph (weights
+    included) before XNNPACK preprocesses it; aot makes the copy share the weights. Fails if
+    ExecuTorch stops calling that hook, or if sharing changes a byte of the program."""
+    import contextlib
+    import inspect
+
+    from executorch.exir.backend import backend_api
+
+    from aot.backends.xnnpack import Xnnpack
+
+    assert "copy_exported_program_for_preprocess" in inspect.getsource(backend_api.lower_all_submodules_to_backend)
+    monkeypatch.setattr(Xnnpack, "lowering_context", lambda self: contextlib.nullcontext())
+    result = _build(tmp_path / "copying", hf_ckpt, "--quant", "8da4w")
+    assert (tmp_path / "copying" / "model.pte").read_bytes() == (Path(bundle_8da4w["path"]) / "model.pte").read_bytes()
+    assert result["build"]["input_key"] == bundle_8da4w["build"]["input_key"]
