@@ -85,20 +85,9 @@ class BuildConfig:
         return errors
 
     def _delegate_errors(self, backend) -> list[str]:
-        errors, name = [], self.delegate
-        if self.quant.scheme not in backend.schemes:
-            errors.append(f"--delegate {name} does not take --quant {self.quant.scheme}; "
-                          f"choose one of: {', '.join(backend.schemes)}")
-        socs = backend.socs()
-        if self.soc is not None and not socs:
-            errors.append(f"--soc applies to NPU delegates, not --delegate {name}; drop it")
-        elif self.soc is not None and self.soc not in socs:
-            errors.append(f"unknown --soc '{self.soc}' for --delegate {name}; choose one of: {', '.join(socs)}")
-        if self.kv_bits is not None and self.kv_bits not in backend.kv_bits:
-            errors.append(f"--kv-bits {self.kv_bits}: --delegate {name} takes "
-                          + (", ".join(map(str, backend.kv_bits)) if backend.kv_bits else "no --kv-bits; drop it"))
+        errors = delegate_errors(backend, self.quant.scheme, self.soc, self.kv_bits)
         if self.calibration is not None and not backend.static_shapes:
-            errors.append(f"--calibration applies to NPU delegates (PT2E), not --delegate {name}; drop it")
+            errors.append(f"--calibration applies to NPU delegates (PT2E), not --delegate {self.delegate}; drop it")
         return errors
 
     def to_dict(self) -> dict:
@@ -107,6 +96,22 @@ class BuildConfig:
             d[key] = None if d[key] is None else str(d[key])
         d["eos_ids"] = None if self.eos_ids is None else list(self.eos_ids)
         return d
+
+
+def delegate_errors(backend, scheme: str, soc: str | None, kv_bits: int | None) -> list[str]:
+    """What --quant, --soc and --kv-bits say that `backend` does not take (aot build and simulate)."""
+    errors, name = [], backend.name
+    if scheme not in backend.schemes:
+        errors.append(f"--delegate {name} does not take --quant {scheme}; choose one of: {', '.join(backend.schemes)}")
+    socs = backend.socs()
+    if soc is not None and not socs:
+        errors.append(f"--soc applies to NPU delegates, not --delegate {name}; drop it")
+    elif soc is not None and soc not in socs:
+        errors.append(f"unknown --soc '{soc}' for --delegate {name}; choose one of: {', '.join(socs)}")
+    if kv_bits is not None and kv_bits not in backend.kv_bits:
+        errors.append(f"--kv-bits {kv_bits}: --delegate {name} takes "
+                      + (", ".join(map(str, backend.kv_bits)) if backend.kv_bits else "no --kv-bits; drop it"))
+    return errors
 
 
 # Build fields by their flag / manifest name: (accepted YAML types, config, field there).

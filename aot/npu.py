@@ -33,17 +33,19 @@ class StaticPair:
     decode: fx.GraphModule
     prefill_len: int
 
+    def caches(self):
+        """(name, tensor) of prefill's k/v cache buffers (decode's are the same tensors)."""
+        return ((name, buf) for name, buf in self.prefill.named_buffers() if name.endswith(("k_cache", "v_cache")))
+
     def share_cache(self) -> None:
         """Point decode's k/v cache buffers at prefill's, so both methods read one cache."""
-        for name, buf in self.prefill.named_buffers():
-            if name.endswith(("k_cache", "v_cache")):
-                owner, _, attr = name.rpartition(".")
-                setattr(self.decode.get_submodule(owner) if owner else self.decode, attr, buf)
+        for name, buf in self.caches():
+            owner, _, attr = name.rpartition(".")
+            setattr(self.decode.get_submodule(owner) if owner else self.decode, attr, buf)
 
     def reset_cache(self) -> None:
-        for name, buf in self.prefill.named_buffers():
-            if name.endswith(("k_cache", "v_cache")):
-                buf.zero_()
+        for _, buf in self.caches():
+            buf.zero_()
 
     @torch.no_grad()
     def run(self, ids: list[int]) -> torch.Tensor:
@@ -70,19 +72,23 @@ def export_static(model, prefill_len: int) -> StaticPair:
     return pair
 
 
-def quantize_static(pair: StaticPair, make_quantizer, windows: list[list[int]], stages, label: str) -> StaticPair:
-    """PT2E prepare both graphs, calibrate them on `windows` as the device would run them, convert.
+def quantize_static(pair: StaticPair, backend, scheme: str, group_size: int, kv_bits: int | None,
+                    windows: list[list[int]], stages) -> StaticPair:
+    """PT2E prepare both graphs with `backend`'s quantizer, calibrate them on `windows` as the
+    device would run them, convert.
 
-    `make_quantizer(graph)` returns the delegate's quantizer for one graph (block-wise recipes
-    name the graph's nodes). Calibration runs every window through prefill and decode, so each
-    graph's observers see the activations of its own shape.
+    The quantizer is made per graph (block-wise recipes name the graph's nodes). Calibration runs
+    every window through prefill and decode, so each graph's observers see the activations of its
+    own shape.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    label = f"{backend.name} {scheme}" + (f" g{group_size}" if scheme.endswith("-block") else "")
+    label += f", {kv_bits}-bit KV cache" if kv_bits else ""
     with stages.stage("quantize", label), contextlib.redirect_stdout(io.StringIO()):
         # QnnQuantizer prints a line per op it leaves in float (repeat_interleave, type_as).
-        prepared = StaticPair(prepare_pt2e(pair.prefill, make_quantizer(pair.prefill.graph)),
-                              prepare_pt2e(pair.decode, make_quantizer(pair.decode.graph)), pair.prefill_len)
+        prepared = StaticPair(*(prepare_pt2e(gm, backend.quantizer(scheme, gm.graph, group_size, kv_bits))
+                                for gm in (pair.prefill, pair.decode)), pair.prefill_len)
     prepared.share_cache()
     steps = sum(len(w) - pair.prefill_len + 1 for w in windows)
     with stages.stage("calibrate", f"{len(windows)} windows, {steps} prefill/decode calls"), native_output_silenced():
@@ -134,12 +140,7 @@ def static_programs(model, src, cfg, backend, stages) -> tuple[dict, dict, dict]
     with stages.stage("export", f"prefill [1, {P}], decode [1, 1]"):
         pair = export_static(model, P)
     windows, record = calibration_ids(src, cfg, min(ctx, 2 * P))
-    label = cfg.quant.scheme + (f" g{cfg.quant.group_size}" if cfg.quant.scheme.endswith("-block") else "")
-
-    def make(graph):
-        return backend.quantizer(cfg.quant.scheme, graph, cfg.quant.group_size, cfg.kv_bits)
-
-    pair = quantize_static(pair, make, windows, stages, f"{backend.name} {label}")
+    pair = quantize_static(pair, backend, cfg.quant.scheme, cfg.quant.group_size, cfg.kv_bits, windows, stages)
     logits = f"[1, S, {src.args.vocab_size}]" if cfg.full_logits else f"[1, {src.args.vocab_size}]"
     programs, signatures = {}, {}
     with stages.stage("export", "quantized prefill, decode"):

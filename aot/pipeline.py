@@ -258,7 +258,7 @@ def load_quantized(src: Source, cfg: BuildConfig, plan: QuantPlan, progress=None
                     model.output.weight = model.tok_embeddings.weight
                 else:
                     model.get_submodule(name).to_empty(device="cpu")
-            names = {n for n, _ in model.named_parameters() if n.split(".")[0] in group or n.startswith(group[0] + ".")}
+            names = {n for n, _ in model.named_parameters() if any(n.startswith(g + ".") for g in group)}
             if reader is None:
                 random_init_(model, cfg.seed, names)
             else:

@@ -40,7 +40,7 @@ class SimulateConfig:
 
 def simulate(cfg: SimulateConfig, stages) -> dict:
     from aot.backends import get_backend
-    from aot.config import BuildConfig
+    from aot.config import BuildConfig, delegate_errors
     from aot.pipeline import load_model, resolve_source
     from aot.quant import QuantConfig
     from aot.tokenizer import load_tokenizer
@@ -49,19 +49,15 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
     backend = get_backend(cfg.delegate)
     if not backend.static_shapes:
         raise ConfigError(f"--delegate {backend.name}: nothing to simulate, its bundles run here; use `aot validate`")
-    if cfg.scheme not in backend.schemes:
-        raise ConfigError(f"--quant {cfg.scheme}: --delegate {backend.name} takes {', '.join(backend.schemes)}")
+    errors = delegate_errors(backend, cfg.scheme, cfg.soc, cfg.kv_bits)
+    if errors:
+        raise ConfigError("; ".join(errors))
     n = cfg.max_tokens
     P = cfg.prefill_len if cfg.prefill_len is not None else n // 2
     if n < 2 or cfg.calibration_windows < 1 or not 1 <= P < n:
         raise ConfigError("--max-tokens must be >= 2, --calibration-windows >= 1 and --prefill-len between 1 "
                           f"and --max-tokens - 1, but got {n}, {cfg.calibration_windows}, {P}")
-    if cfg.kv_bits is not None and cfg.kv_bits not in backend.kv_bits:
-        raise ConfigError(f"--kv-bits {cfg.kv_bits}: --delegate {backend.name} takes "
-                          + (", ".join(map(str, backend.kv_bits)) or "no --kv-bits"))
     soc = cfg.soc or backend.socs()[0]
-    if soc not in backend.socs():
-        raise ConfigError(f"unknown --soc '{soc}' for --delegate {backend.name}; choose one of: {', '.join(backend.socs())}")
     text, calib = text_file(cfg.text), text_file(cfg.calibration or cfg.text)
 
     with stages.stage("load", "fp32"):
@@ -88,13 +84,7 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
     model.use_static_attention()
     with stages.stage("export", f"prefill [1, {P}], decode [1, 1]"):
         pair = export_static(model, P)
-    label = cfg.scheme + (f" g{cfg.group_size}" if cfg.scheme.endswith("-block") else "")
-    label += f", {cfg.kv_bits}-bit KV cache" if cfg.kv_bits else ""
-
-    def make(graph):
-        return backend.quantizer(cfg.scheme, graph, cfg.group_size, cfg.kv_bits)
-
-    pair = quantize_static(pair, make, windows, stages, f"{backend.name} {label}")
+    pair = quantize_static(pair, backend, cfg.scheme, cfg.group_size, cfg.kv_bits, windows, stages)
     with stages.stage("simulate", f"prefill {P} + decode {n - P}"), torch.no_grad(), native_output_silenced():
         got = pair.run(ids)
     target = torch.tensor(ids)

@@ -227,20 +227,16 @@ def test_static_bundles_do_not_run_on_the_host(static_bundle):
     assert result.exit_code == 6 and "runs on the device with ExecuTorch's qnn runtime" in result.stderr
 
 
-@pytest.mark.skipif(not os.environ.get("QNN_SDK_ROOT"), reason="needs Qualcomm's QAIRT SDK (QNN_SDK_ROOT)")
-def test_qnn_build_lowers_with_the_sdk(hf_ckpt, tmp_path):
-    result = run_cli("build", "--checkpoint", hf_ckpt, "--delegate", "qnn", "--max-seq-len", 8,
-                     "--max-context-len", 32, "--out", tmp_path / "qnn", "--json")
-    assert result.exit_code == 0, result.stderr
-    delegation = json.loads(result.stdout)["delegation"]
-    assert all(m["delegated_ops"] > 0 for m in delegation.values())
-
-
-@pytest.mark.skipif(importlib.util.find_spec("mtk_converter") is None,
-                    reason="needs MediaTek's NeuroPilot SDK (mtk_converter, mtk_neuron)")
-def test_mediatek_build_lowers_with_the_sdk(hf_ckpt, tmp_path):
-    result = run_cli("build", "--checkpoint", hf_ckpt, "--delegate", "mediatek", "--max-seq-len", 8,
-                     "--max-context-len", 32, "--out", tmp_path / "mtk", "--json")
+@pytest.mark.parametrize("delegate", [
+    pytest.param("qnn", marks=pytest.mark.skipif(
+        not os.environ.get("QNN_SDK_ROOT"), reason="needs Qualcomm's QAIRT SDK (QNN_SDK_ROOT)")),
+    pytest.param("mediatek", marks=pytest.mark.skipif(
+        importlib.util.find_spec("mtk_converter") is None,
+        reason="needs MediaTek's NeuroPilot SDK (mtk_converter, mtk_neuron)")),
+])
+def test_npu_build_lowers_with_the_sdk(delegate, hf_ckpt, tmp_path):
+    result = run_cli("build", "--checkpoint", hf_ckpt, "--delegate", delegate, "--max-seq-len", 8,
+                     "--max-context-len", 32, "--out", tmp_path / delegate, "--json")
     assert result.exit_code == 0, result.stderr
     delegation = json.loads(result.stdout)["delegation"]
     assert all(m["delegated_ops"] > 0 for m in delegation.values())
