@@ -32,7 +32,16 @@ class Xnnpack(Backend):
         return [XnnpackPartitioner(enable_bf16=plan.dtype == "bfloat16")]
 
     def lowering_context(self):
-        return preprocess_shares_weights()
+        stack = contextlib.ExitStack()
+        stack.enter_context(preprocess_shares_weights())
+        if FREE_PACKED_WEIGHTS:
+            stack.enter_context(free_weights_once_packed())
+        return stack
+
+
+# Release each delegated weight as soon as XNNPACK has packed it (False: keep every weight until
+# the program is serialized, as ExecuTorch does; the same .pte bytes, tests/test_streamed.py).
+FREE_PACKED_WEIGHTS = True
 
 
 @contextlib.contextmanager
@@ -65,3 +74,73 @@ def preprocess_shares_weights():
             del XnnpackBackend.copy_exported_program_for_preprocess
         else:
             XnnpackBackend.copy_exported_program_for_preprocess = saved
+
+
+@contextlib.contextmanager
+def free_weights_once_packed():
+    """Free each delegated weight once XNNPACK has packed it into the delegate's own data.
+
+    After XNNPACK's preprocess, a delegated subgraph's weights live twice until the program is
+    serialized: as the graph constants ExecuTorch keeps on the lowered module (never read again:
+    the .pte is written from the packed data) and as the packed copy. For an 8da4w model the first
+    is the larger (torchao keeps 4-bit values one per int8 byte), so holding it is most of
+    lowering's and serialization's peak. A weight is freed only when exactly one delegated
+    subgraph consumes it and no method's remaining graph, nor any other subgraph, refers to its
+    storage; the tensor keeps its shape, its storage becomes empty. Local workaround;
+    tests/test_streamed.py builds with and without it and compares the .pte bytes, and fails if
+    ExecuTorch stops calling the hooks it wraps.
+    """
+    import torch
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend import backend_api
+
+    lower_all = backend_api.lower_all_submodules_to_backend
+    saved_preprocess = XnnpackBackend.__dict__["preprocess"]
+    freeable: dict[int, object] = {}  # id(tensor) -> tensor whose storage goes once its subgraph is packed
+
+    def tensors(program):
+        return [t for d in (program.state_dict, program.constants) for t in d.values() if isinstance(t, torch.Tensor)]
+
+    def lower_all_freeing(backend_id, method_to_nodes, method_to_program):
+        if backend_id == XnnpackBackend.__name__:
+            users: dict[int, int] = {}  # storage -> subgraphs consuming it (more than one: keep)
+            kept: set[int] = set()  # storages the methods' own graphs still hold after lowering
+            for method, nodes in method_to_nodes.items():
+                deleted = set()  # placeholders that move into a delegate (one weight may have several)
+                for node in nodes:
+                    deleted |= set(node.meta["toplevel_input_specs_to_delete"])
+                    for key in {_storage_key(t) for t in tensors(node.meta["submodule_program"])}:
+                        users[key] = users.get(key, 0) + 1
+                owner = method_to_program[method]
+                table = {**owner.state_dict, **owner.constants}
+                kept |= {_storage_key(table[spec.target]) for spec in owner.graph_signature.input_specs
+                         if spec.arg.name not in deleted and isinstance(table.get(spec.target), torch.Tensor)}
+            for nodes in method_to_nodes.values():
+                for node in nodes:
+                    for t in tensors(node.meta["submodule_program"]):
+                        key = _storage_key(t)
+                        if users.get(key) == 1 and key not in kept:
+                            freeable[id(t)] = t
+        try:
+            return lower_all(backend_id, method_to_nodes, method_to_program)
+        finally:
+            freeable.clear()
+
+    def preprocess_then_free(cls, edge_program, compile_specs):
+        result = saved_preprocess.__get__(None, cls)(edge_program, compile_specs)
+        for t in tensors(edge_program):
+            if freeable.pop(id(t), None) is not None:
+                t.untyped_storage().resize_(0)
+        return result
+
+    backend_api.lower_all_submodules_to_backend = lower_all_freeing
+    XnnpackBackend.preprocess = classmethod(preprocess_then_free)
+    try:
+        yield
+    finally:
+        backend_api.lower_all_submodules_to_backend = lower_all
+        XnnpackBackend.preprocess = saved_preprocess
+
+
+def _storage_key(t) -> int:
+    return t.untyped_storage().data_ptr()

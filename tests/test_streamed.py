@@ -78,3 +78,27 @@ def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, 
     result = _build(tmp_path / "copying", hf_ckpt, "--quant", "8da4w")
     assert (tmp_path / "copying" / "model.pte").read_bytes() == (Path(bundle_8da4w["path"]) / "model.pte").read_bytes()
     assert result["build"]["input_key"] == bundle_8da4w["build"]["input_key"]
+
+
+def test_lowering_frees_weights_once_packed(bundle_fp32, hf_ckpt, tmp_path, monkeypatch):
+    """backends/xnnpack.py frees each delegated weight once XNNPACK has packed it. The tied fp32
+    model is the hard case: the output projection (delegated) and the embedding (a CPU op) share
+    one tensor, which must be kept. Fails if the hooks stop being called (nothing freed), if a
+    shared weight is freed, or if freeing changes a byte of the program."""
+    import torch
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    from aot.backends import xnnpack
+
+    freed = []
+    resize = torch.UntypedStorage.resize_
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", lambda s, n: (freed.append(s.nbytes()), resize(s, n))[1])
+    _build(tmp_path / "freeing", hf_ckpt, "--quant", "none")
+    monkeypatch.undo()
+    assert "preprocess" in vars(XnnpackBackend) and not isinstance(vars(XnnpackBackend)["preprocess"], classmethod)
+    embedding = 1024 * 128 * 4  # the tied table (vocab x dim fp32): kept
+    assert len(freed) > 10 and embedding not in freed, freed
+    assert (tmp_path / "freeing" / "model.pte").read_bytes() == (Path(bundle_fp32["path"]) / "model.pte").read_bytes()
+    monkeypatch.setattr(xnnpack, "FREE_PACKED_WEIGHTS", False)
+    _build(tmp_path / "keeping", hf_ckpt, "--quant", "none")
+    assert (tmp_path / "keeping" / "model.pte").read_bytes() == (Path(bundle_fp32["path"]) / "model.pte").read_bytes()
