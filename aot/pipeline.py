@@ -25,7 +25,7 @@ from aot.config import PATH_FIELDS, BuildConfig
 from aot.errors import BuildError, CheckpointError, ConfigError
 from aot.methods import export_methods, text_methods
 from aot.model import MODELS, ModelArgs, Transformer, random_init_
-from aot.progress import Stages
+from aot.progress import Stages, return_freed_memory
 from aot.quant import QuantPlan, apply_plan
 from aot.quant.rotation import (
     Rotations, check_sizes, describe_r4, fuse_rotations, load_rotations, random_rotations,
@@ -50,6 +50,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
     """Build the bundle `cfg` describes; returns its bundle.json content."""
     backend = get_backend(cfg.delegate)
     backend.require()
+    return_freed_memory()
     plan = cfg.quant.plan()
     with Staging(cfg.out, cfg.force) as staging:
         with stages.stage("resolve"):

@@ -27,6 +27,28 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole lifetime
 
 
+# Allocations of at least this many bytes get their own mapping, returned to the OS when freed.
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Make freed weights leave the process (glibc only; elsewhere a no-op returning False).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    weight-sized tensors come from the heap, whose freed space fragments and stays resident: a 1B
+    build that frees each weight once packed kept 2.7-3.0 GiB resident. A fixed threshold gives
+    every tensor of 1 MiB or more its own mapping, unmapped when freed (measured: 2.0 GiB).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> None:
     # Writing 5 resets VmHWM to the current RSS (Linux >= 4.0), so each stage gets its own peak.
     try:

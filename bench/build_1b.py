@@ -80,6 +80,7 @@ def main() -> None:
         out = work / name
         print(f"[bench] aot build ({name}) ...", flush=True)
         measured = run_measured(aot + ["build", "--out", str(out), *common, *extra], work / f"{name}.log")
+        measured["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         bundle = json.loads((out / "bundle.json").read_text())
         # aot resets the kernel's peak-RSS mark at each stage to measure stages apart, so wait4
         # sees only the last stage's peak; the process peak is the largest stage peak.
@@ -108,14 +109,17 @@ def main() -> None:
         print("[bench] export_llm ...", flush=True)
         # Run inside the work dir: export_llm writes the .pte and hydra's outputs/ into its cwd.
         measured = run_measured(cmd, work / "export_llm.log", cwd=work)
-        runs["export_llm"] = {**measured, "pte_bytes": (work / "export_llm.pte").stat().st_size}
+        runs["export_llm"] = {**measured, "pte_bytes": (work / "export_llm.pte").stat().st_size,
+                              "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"[bench]   {measured['seconds']} s, peak {measured['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
 
     file = args.out / f"build_{args.model}.json"
     if file.exists():  # runs measured earlier on this machine (e.g. --skip-export-llm, then --skip-aot)
         earlier = json.loads(file.read_text())
         if earlier.get("machine", {}).get("cpu") == host_info()["cpu"]:
-            runs = {**earlier.get("runs", {}), **runs}
+            merged = {name: {"measured_at": "an earlier run of this script", **r}
+                      for name, r in earlier.get("runs", {}).items() if name not in runs}
+            runs = {**merged, **runs}
     result = {
         "model": args.model, "quant": f"8da4w g{args.group_size}", "delegate": "xnnpack",
         "max_seq_len": args.max_seq_len, "max_context_len": args.max_context_len,
@@ -131,13 +135,14 @@ def main() -> None:
         }
     file.write_text(json.dumps(result, indent=2) + "\n")
 
-    lines = [f"| build ({args.model}, 8da4w g{args.group_size}, XNNPACK) | wall | peak RSS | model.pte |",
-             "|---|---|---|---|"]
+    lines = [f"| build ({args.model}, 8da4w g{args.group_size}, XNNPACK) | wall | peak RSS | model.pte | measured |",
+             "|---|---|---|---|---|"]
     for name, r in runs.items():
-        lines.append(f"| {name} | {r['seconds']:.0f} s | {r['peak_rss_mib'] / 1024:.2f} GiB | {r['pte_bytes'] / 2**20:,.0f} MiB |")
+        lines.append(f"| {name} | {r['seconds']:.0f} s | {r['peak_rss_mib'] / 1024:.2f} GiB | {r['pte_bytes'] / 2**20:,.0f} MiB "
+                     f"| {r.get('measured_at', '')} |")
     if "ratio_aot_over_export_llm" in result:
         r = result["ratio_aot_over_export_llm"]
-        lines.append(f"| aot / export_llm | {r['seconds']:.2f}x | {r['peak_rss']:.2f}x | {r['pte_bytes']:.2f}x |")
+        lines.append(f"| aot / export_llm | {r['seconds']:.2f}x | {r['peak_rss']:.2f}x | {r['pte_bytes']:.2f}x | |")
     lines.append("")
     if "aot" in runs:
         lines.append("aot stages: " + ", ".join(f"{s['name']} {s['seconds']:.0f} s / {s['peak_rss_mib'] / 1024:.2f} GiB"
