@@ -42,7 +42,9 @@ def _command(as_json: bool, debug: bool):
             raise
         if as_json and not getattr(e, "result_printed", False):
             print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}}))
-        err.print(f"[red]aot: error:[/red] {e}", soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[red]aot: error:[/red] {escape(str(e))}", soft_wrap=True)  # messages hold [brackets]
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("aot: interrupted; nothing was written")
@@ -312,17 +314,53 @@ def validate(
     min_prefill_tps: Optional[float] = typer.Option(None, "--min-prefill-tps", help="Gate: median prefill tok/s."),
     min_decode_tps: Optional[float] = typer.Option(None, "--min-decode-tps", help="Gate: median decode tok/s."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per gate)."),
+    device: str = typer.Option("host", "--device", help="host, ssh://[user@]host[:port] or adb[:SERIAL]."),
+    device_runner: Optional[Path] = typer.Option(None, "--device-runner", help="adb: ExecuTorch's llama_main for arm64-v8a."),
+    device_python: str = typer.Option("python3", "--device-python", help="ssh: the device's Python with ExecuTorch."),
+    ssh_option: List[str] = typer.Option([], "--ssh-option", help="ssh: extra -o KEY=VALUE (repeatable)."),
+    adb: Optional[str] = typer.Option(None, "--adb", help="adb: the adb client [$ADB, then PATH]."),
+    device_timeout: float = typer.Option(600.0, "--device-timeout", help="Seconds one device command may take."),
+    device_prompts: int = typer.Option(3, "--device-prompts", help="Prompts cut from --text for the device."),
+    device_prompt_tokens: int = typer.Option(32, "--device-prompt-tokens", help="Tokens per device prompt."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Greedy tokens generated per device prompt."),
+    min_device_agreement: float = typer.Option(1.0, "--min-device-agreement",
+                                               help="Gate: matched-prefix share of the host's tokens, per prompt."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
-    """Prove a bundle's accuracy against its reference checkpoint and measure its speed; gates set the exit code."""
+    """Prove a bundle's accuracy against its reference checkpoint and measure its speed, here or on a
+    device (--device); gates set the exit code."""
     with _command(as_json, debug):
         from aot.bundle import open_bundle
-        from aot.errors import GatesFailed
+        from aot.errors import ConfigError
         from aot.progress import Stages
         from aot.validate import Gates, ValidateConfig, junit_xml
         from aot.validate import validate as run_validate
 
+        if device != "host":
+            from aot import ondevice
+            from aot.validate import text_file
+
+            teacher_forced = _given(max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_kl=max_kl)
+            if teacher_forced:
+                raise ConfigError(f"--{next(iter(teacher_forced)).replace('_', '-')} is scored on the host (teacher-forced "
+                                  "logits); run `aot validate` without --device for it, and gate the device on "
+                                  "--min-device-agreement and speed")
+            cfg = ondevice.DeviceConfig(
+                device=device, prompts=device_prompts, prompt_tokens=device_prompt_tokens, new_tokens=new_tokens,
+                repeats=repeats or 3, runner=device_runner, python=device_python, ssh_options=tuple(ssh_option),
+                adb=adb, timeout=device_timeout, min_agreement=min_device_agreement,
+                min_prefill_tps=min_prefill_tps, min_decode_tps=min_decode_tps, skip_speed=skip_speed)
+            result = ondevice.validate_on_device(open_bundle(bundle), cfg, text_file(text), reference,
+                                                 Stages(quiet=as_json))
+            if junit is not None:
+                _write_atomically(junit, ondevice.junit_xml(result))
+            if as_json:
+                print(json.dumps(result))
+            else:
+                _print_device_validation(result)
+            _raise_if_failed(result, as_json)
+            return
         gates = Gates(**_given(max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_kl=max_kl,
                                min_prefill_tps=min_prefill_tps, min_decode_tps=min_decode_tps))
         cfg = ValidateConfig(gates=gates, skip_speed=skip_speed, **_given(
@@ -335,13 +373,39 @@ def validate(
             print(json.dumps(result))
         else:
             _print_validation(result)
-        if not result["ok"]:
-            failed = [g for g in result["gates"] if not g["ok"]]
-            error = GatesFailed("gates failed: " + "; ".join(
-                f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}"
-                + (f" ({g['hint']})" if g.get("hint") else "") for g in failed))
-            error.result_printed = as_json  # the JSON result above says "ok": false
-            raise error
+        _raise_if_failed(result, as_json)
+
+
+def _raise_if_failed(result: dict, as_json: bool) -> None:
+    from aot.errors import GatesFailed
+
+    if not result["ok"]:
+        failed = [g for g in result["gates"] if not g["ok"]]
+        error = GatesFailed("gates failed: " + "; ".join(
+            f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}"
+            + (f" ({g['hint']})" if g.get("hint") else "") for g in failed))
+        error.result_printed = as_json  # the JSON result above says "ok": false
+        raise error
+
+
+def _print_device_validation(result: dict) -> None:
+    d = result["device"]
+    out.print(f"[bold]{result['model']}[/bold] ({result['quant']}) on {d.get('name')}: "
+                  f"{d.get('model') or d.get('uname', '')} {d.get('cpu', '')}, {d.get('cores', '?')} cores, "
+                  f"{d.get('memory_mib', '?')} MiB")
+    for r in result["prompts"]:
+        ref = f", reference {r['agreement_reference']:.0%}" if "agreement_reference" in r else ""
+        div = "" if r["first_divergence_host"] is None else f" (differs from token {r['first_divergence_host']})"
+        out.print(f"  prompt {r['prompt']}: {len(r['device_tokens'])} tokens, host agreement "
+                      f"{r['agreement_host']:.0%}{div}{ref}")
+    s = result["speed"]
+    if s:
+        out.print(f"  load {s['load_s']:.2f} s, first token {s['ttft_ms']['median']:.1f} ms, prefill "
+                      f"{s['prefill_tps']['median']:.1f} tok/s, decode {s['decode_tps']['median']:.1f} tok/s "
+                      f"(median of {s['runs']}), peak RSS {s.get('peak_rss_mib')} MiB")
+    for g in result["gates"]:
+        mark = "[green]PASS[/green]" if g["ok"] else "[red]FAIL[/red]"
+        out.print(f"  {mark} {g['name']}: {g['value']} {g['op']} {g['threshold']}")
 
 
 @app.command()

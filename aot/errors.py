@@ -72,6 +72,13 @@ class TargetLocked(AotError):
     kind = "locked"
 
 
+class DeviceError(AotError):
+    """A device cannot be reached, refuses us, times out, or lacks what the bundle needs."""
+
+    exit_code = 12
+    kind = "device"
+
+
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -87,5 +94,6 @@ EXIT_CODES = {
     GatesFailed.exit_code: "validation ran and a gate (accuracy or speed threshold) failed",
     TargetsFailed.exit_code: "manifest build or release: a target failed (its own error is in the summary)",
     TargetLocked.exit_code: "a target is being built by another aot process on the same output root",
+    DeviceError.exit_code: "device unreachable, refused the login, timed out or lacks the runtime",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }
