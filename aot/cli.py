@@ -501,6 +501,89 @@ def _print_accuracy(a: dict, label: str) -> None:
               f"max |logit error| {a['max_abs_logit_error']:.4f}")
 
 
+farm = typer.Typer(help="Device farms: package targets for a farm run, collect its results.", no_args_is_help=True)
+app.add_typer(farm, name="farm")
+
+
+@farm.command("package")
+def farm_package(
+    manifest: Path = typer.Option(..., "--manifest", help="Release manifest (YAML) whose targets are built."),
+    out_dir: Path = typer.Option(..., "--out", help="New directory for the archives and test specs."),
+    device_runner: Optional[Path] = typer.Option(None, "--device-runner", help="ExecuTorch's llama_main for arm64-v8a."),
+    root: Optional[Path] = typer.Option(None, "--root", help="The manifest's output root [build/<manifest name>]."),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="Only these targets (repeatable)."),
+    device_prompts: int = typer.Option(3, "--device-prompts", help="Prompts cut from the target's validation text."),
+    device_prompt_tokens: int = typer.Option(32, "--device-prompt-tokens", help="Tokens per prompt."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Greedy tokens generated per prompt."),
+    repeats: int = typer.Option(3, "--repeats", help="Runs of each prompt on each device (speed: median)."),
+    min_device_agreement: float = typer.Option(1.0, "--min-device-agreement", help="Gate, per prompt."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """One archive per target (bundle, llama_main, prompts, expected host tokens, run script) and its
+    AWS Device Farm test spec."""
+    with _command(as_json, debug):
+        from aot.devices.farm import package
+        from aot.manifest import load_manifest
+        from aot.progress import Stages
+
+        result = package(load_manifest(manifest, root), target, out_dir, device_runner, device_prompts,
+                         device_prompt_tokens, new_tokens, repeats, min_device_agreement, Stages(quiet=as_json))
+        if as_json:
+            print(json.dumps(result))
+            return
+        out.print(f"[bold]{result['out']}[/bold]")
+        for p in result["packages"]:
+            out.print(f"  {p['target']:<32} {p['archive']}  {p['test_spec']}  ({p['prompts']} prompts)")
+
+
+@farm.command("collect")
+def farm_collect(
+    artifacts: Path = typer.Argument(..., help="The farm run's artifacts folder (downloaded)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Also record the results in its output root."),
+    root: Optional[Path] = typer.Option(None, "--root", help="The manifest's output root [build/<manifest name>]."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML (one testcase per device x check)."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Apply the gates to a farm run's results: device x target table, JSON, JUnit; exit 9 on a failed gate."""
+    with _command(as_json, debug):
+        from aot.devices.farm import collect, junit_xml, table
+
+        result = collect(artifacts)
+        if junit is not None:
+            _write_atomically(junit, junit_xml(result))
+        if manifest is not None:
+            _record_farm_results(manifest, root, result)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            out.print(table(result))
+        if not result["ok"]:
+            failed = [f"{r['device']['serial']}/{r['target']}: {g['name']} {g['value']} not {g['op']} {g['threshold']}"
+                      for r in result["runs"] for g in r["gates"] if not g["ok"]]
+            from aot.errors import GatesFailed
+
+            error = GatesFailed("device gates failed: " + "; ".join(failed))
+            error.result_printed = as_json
+            raise error
+
+
+def _record_farm_results(manifest: Path, root: Optional[Path], result: dict) -> None:
+    """devices.json in the manifest's output root, and a summary in release.json when there is one."""
+    from aot.manifest import load_manifest
+
+    m = load_manifest(manifest, root)
+    m.root.mkdir(parents=True, exist_ok=True)
+    _write_atomically(m.root / "devices.json", json.dumps(result, indent=2) + "\n")
+    index_path = m.root / "release.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["devices"] = {"results": "devices.json", "ok": result["ok"],
+                            "runs": [{"target": r["target"], "device": r["device"], "ok": r["ok"]} for r in result["runs"]]}
+        _write_atomically(index_path, json.dumps(index, indent=2) + "\n")
+
+
 def _write_atomically(path: Path, text: str) -> None:
     import os
     import tempfile

@@ -258,3 +258,101 @@ def test_observer_line_parses_executorch_stats(demo_bundle):
     assert generated_text(printed, "") == "".join(pieces).rstrip("\n") or generated_text(printed, "").strip()
     with pytest.raises(Exception, match="PyTorchObserver"):
         parse_observer("segmentation fault\n")
+
+
+# ---- device farm ----------------------------------------------------------------------------
+
+SIM = Path(__file__).parent / "farm_sim"
+
+
+def _executable(src: Path, dst: Path) -> Path:
+    """A simulation script as an executable with this interpreter (aot importable)."""
+    dst.write_text(f"#!{sys.executable}\nimport sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+                   + src.read_text())
+    dst.chmod(0o755)
+    return dst
+
+
+def test_farm_package_run_and_collect(demo_bundle, tmp_path):
+    """AWS Device Farm, simulated: the package's test phase runs with an `adb` that executes the
+    device commands on this host and a host stand-in for llama_main (tests/farm_sim: ExecuTorch's
+    same C++ runner through its bindings). What `aot farm collect` reads is what the farm keeps."""
+    import shutil
+    import zipfile
+
+    import yaml
+
+    root = tmp_path / "root"
+    shutil.copytree(demo_bundle["path"], root / "demo-8da4w")
+    manifest = tmp_path / "farm.yaml"
+    manifest.write_text("version: 1\ndefaults: {model: demo, max_seq_len: 64, max_context_len: 512}\n"
+                        "targets:\n  - name: demo-8da4w\n    quant: 8da4w\n    validate: {min_decode_tps: 1}\n")
+    runner = _executable(SIM / "llama_main.py", tmp_path / "llama_main")
+    packages = tmp_path / "packages"
+    result = run_cli("farm", "package", "--manifest", manifest, "--root", root, "--out", packages,
+                     "--device-runner", runner, "--device-prompts", 2, "--device-prompt-tokens", 16,
+                     "--new-tokens", 8, "--repeats", 2, "--json")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    spec_file = packages / "demo-8da4w.testspec.yml"
+    spec = yaml.safe_load(spec_file.read_text())
+    commands = [c for phase in spec["phases"].values() for c in phase["commands"]]
+    # Everything the spec names lives in the package.
+    with zipfile.ZipFile(packages / "demo-8da4w.zip") as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "unpacked")
+    assert {"demo-8da4w/model.pte", "demo-8da4w/llama_main", "demo-8da4w/expected.json",
+            "demo-8da4w/run_on_device.sh", "testspec.yml"} <= names
+    for c in commands:
+        for word in c.split():
+            if "$DEVICEFARM_TEST_PACKAGE_PATH/" in word:
+                assert word.strip('"').split("$DEVICEFARM_TEST_PACKAGE_PATH/")[1] in names, word
+    script = (tmp_path / "unpacked" / "demo-8da4w" / "run_on_device.sh").read_text()
+    for word in script.split():
+        if word.startswith('"$HERE/'):
+            name = word[len('"$HERE/'):].split('"')[0]
+            assert "demo-8da4w/" + name in names, word
+
+    # The farm host: run the test phase as Device Farm would, with the simulated adb.
+    sim_root, bin_dir, logs = tmp_path / "device", tmp_path / "bin", tmp_path / "logs"
+    (sim_root / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    _executable(SIM / "adb.py", bin_dir / "adb")
+    getprop = sim_root / "bin" / "getprop"
+    getprop.write_text("#!/bin/sh\necho '[ro.product.manufacturer]: [aot]'\necho '[ro.product.model]: [host simulation]'\n"
+                       "echo '[ro.product.cpu.abi]: [x86_64]'\n")
+    getprop.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "AOT_SIM_ROOT": str(sim_root),
+           "DEVICEFARM_TEST_PACKAGE_PATH": str(tmp_path / "unpacked"), "DEVICEFARM_DEVICE_UDID": "SIM-1",
+           "DEVICEFARM_LOG_DIR": str(logs)}
+    for command in spec["phases"]["test"]["commands"]:
+        done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    junit = tmp_path / "farm.xml"
+    collected = run_cli("farm", "collect", logs, "--manifest", manifest, "--root", root, "--junit", junit, "--json")
+    assert collected.exit_code == 0, collected.stderr + collected.stdout
+    report = json.loads(collected.stdout)
+    (run,) = report["runs"]
+    assert run["ok"] and run["device"]["model"] == "aot host simulation" and run["device"]["serial"] == "SIM-1"
+    assert all(p["agreement_host"] == 1.0 and len(p["device_tokens"]) == 8 for p in run["prompts"])
+    assert run["speed"]["runs"] == 4 and run["speed"]["decode_tps"] > 1
+    assert json.loads((root / "devices.json").read_text())["ok"] is True
+    assert len(ElementTree.parse(junit).getroot().findall("testcase")) == 3  # 2 prompts + the speed gate
+
+    # A device whose output diverges fails its gate, and the exit code says so.
+    out = next(logs.rglob("prompt1.run0.out"))
+    text = out.read_text()
+    out.write_text(text.replace(text.split("\n")[0], text.split("\n")[0][:-10] + " zebra zebra"))
+    failed = run_cli("farm", "collect", logs, "--json")
+    assert failed.exit_code == 9, failed.stderr
+    assert "prompt1.agreement_host" in failed.stderr and json.loads(failed.stdout)["ok"] is False
+
+
+def test_farm_package_needs_built_targets(tmp_path):
+    manifest = tmp_path / "farm.yaml"
+    manifest.write_text("version: 1\ntargets:\n  - name: demo-8da4w\n    model: demo\n")
+    runner = tmp_path / "llama_main"
+    runner.write_bytes(b"x")
+    result = run_cli("farm", "package", "--manifest", manifest, "--root", tmp_path / "root", "--out",
+                     tmp_path / "p", "--device-runner", runner)
+    _fails(result, 3, "not built yet: demo-8da4w")
+    assert not (tmp_path / "p").exists()

@@ -1,0 +1,33 @@
+"""AWS Device Farm's custom test environment: the test spec that runs a packaged target.
+
+A farm format is one module with `SPEC_NAME` and `test_spec(target) -> str`; the package
+(devices/farm.py) is the same for every farm. Device Farm unpacks the test package into
+$DEVICEFARM_TEST_PACKAGE_PATH, names the device in $DEVICEFARM_DEVICE_UDID, and keeps whatever the
+spec writes under $DEVICEFARM_LOG_DIR as the run's artifacts, which `aot farm collect` reads.
+"""
+
+from __future__ import annotations
+
+SPEC_NAME = "testspec.yml"
+
+
+def test_spec(target: str) -> str:
+    return f"""\
+# AWS Device Farm test spec for aot target {target} (written by `aot farm package`).
+version: 0.1
+phases:
+  install:
+    commands:
+      - adb version
+  pre_test:
+    commands:
+      - adb -s "$DEVICEFARM_DEVICE_UDID" wait-for-device
+  test:
+    commands:
+      - sh "$DEVICEFARM_TEST_PACKAGE_PATH/{target}/run_on_device.sh" "$DEVICEFARM_DEVICE_UDID" "$DEVICEFARM_LOG_DIR/aot/{target}/$DEVICEFARM_DEVICE_UDID"
+  post_test:
+    commands:
+      - ls -R "$DEVICEFARM_LOG_DIR/aot"
+artifacts:
+  - $DEVICEFARM_LOG_DIR
+"""
