@@ -213,14 +213,19 @@ def plan(
     manifest: Path = typer.Option(..., "--manifest", help="Release manifest (YAML)."),
     fmt: str = typer.Option("json", "--format", help="json, or github (a GitHub Actions matrix)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output root the jobs should use."),
+    device: List[str] = typer.Option([], "--device", help="Also a device-validation job per target on this device "
+                                                          "(ssh://... or adb[:SERIAL]; repeatable)."),
+    device_runner: Optional[str] = typer.Option(None, "--device-runner", help="adb jobs: llama_main's path on the CI runner."),
     debug: bool = DEBUG_OPT,
 ):
-    """Print the targets as a CI job matrix: one `aot build --manifest F --target N` per job."""
+    """Print the targets as a CI job matrix: one `aot build --manifest F --target N` per job (and with
+    --device, one `aot validate BUNDLE --device D` per target and device)."""
     with _command(False, debug):
         from aot.manifest import load_manifest
         from aot.release import plan as make_plan
 
-        print(make_plan(load_manifest(manifest, out_dir), fmt, str(manifest), str(out_dir) if out_dir else None))
+        print(make_plan(load_manifest(manifest, out_dir), fmt, str(manifest), str(out_dir) if out_dir else None,
+                        tuple(device), device_runner))
 
 
 @app.command()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -196,10 +197,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None) -> str:
-    """The target list as a CI job matrix: one `aot build --manifest F --target N` per job."""
+def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None, devices: tuple[str, ...] = (),
+         device_runner: str | None = None) -> str:
+    """The target list as a CI job matrix: one `aot build --manifest F --target N` per job, and with
+    `devices`, one `aot validate BUNDLE --device D` job per host-runnable target and device (each
+    needs its target's build job; NPU bundles run with their vendor runtime and are left out)."""
     if fmt not in ("json", "github"):
         raise ConfigError(f"--format must be json or github, but got '{fmt}'")
+    from aot.backends import get_backend
+
     jobs = []
     for t in manifest.targets:
         command = ["aot", "build", "--manifest", manifest_arg, "--target", t.name]
@@ -208,6 +214,24 @@ def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None) 
         cfg = t.build
         jobs.append({"target": t.name, "model": cfg.model, "delegate": cfg.delegate, "quant": cfg.quant.scheme,
                      "out": t.out, "command": shlex.join(command)})
+    for t in manifest.targets:
+        if get_backend(t.build.delegate).static_shapes:
+            continue
+        for device in devices:
+            bundle = str(Path(root_arg or manifest.root) / t.out)
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-")
+            command = ["aot", "validate", bundle, "--device", device, "--json", "--junit", f"{t.name}.{slug}.xml"]
+            if device.startswith("adb"):
+                if device_runner is None:
+                    raise ConfigError(f"--device {device}: adb jobs need --device-runner (ExecuTorch's llama_main)")
+                command += ["--device-runner", device_runner]
+            gates = t.validate.gates if t.validate else None
+            for flag, value in (("--min-prefill-tps", getattr(gates, "min_prefill_tps", None)),
+                                ("--min-decode-tps", getattr(gates, "min_decode_tps", None))):
+                if value is not None:
+                    command += [flag, str(value)]
+            jobs.append({"target": t.name, "device": device, "needs": t.name, "kind": "device-validation",
+                         "command": shlex.join(command)})
     if fmt == "github":  # `echo "matrix=$(aot plan ...)" >> $GITHUB_OUTPUT`, then fromJSON(...)
         return json.dumps({"include": jobs}, separators=(",", ":"))
     release = ["aot", "release", "--manifest", manifest_arg] + (["--out", root_arg] if root_arg else [])

@@ -132,6 +132,16 @@ def test_plan_formats(hf_ckpt, tmp_path):
     plan = json.loads(run_cli("plan", "--manifest", manifest, "--out", "rel").stdout)
     assert plan["collect"] == f"aot release --manifest {manifest} --out rel"
     assert run_cli("plan", "--manifest", manifest, "--format", "yaml").exit_code == 3
+    # Device-validation jobs: one per target and device, each after its target's build.
+    plan = json.loads(run_cli("plan", "--manifest", manifest, "--out", "rel", "--device", "ssh://pi@board:2222",
+                              "--device", "adb:R5CT", "--device-runner", "bin/llama_main").stdout)
+    device_jobs = [j for j in plan["jobs"] if j.get("kind") == "device-validation"]
+    assert [(j["needs"], j["device"]) for j in device_jobs] == [
+        ("fp32", "ssh://pi@board:2222"), ("fp32", "adb:R5CT"), ("q4", "ssh://pi@board:2222"), ("q4", "adb:R5CT")]
+    assert device_jobs[3]["command"] == ("aot validate rel/quantized/q4 --device adb:R5CT --json --junit q4.adb-R5CT.xml "
+                                         "--device-runner bin/llama_main")
+    no_runner = run_cli("plan", "--manifest", manifest, "--device", "adb")
+    assert no_runner.exit_code == 3 and "--device-runner" in no_runner.stderr
 
 
 MALFORMED = [
