@@ -130,6 +130,8 @@ def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_token
                 for f in sorted(folder.iterdir()):
                     z.write(f, f"{target.name}/{f.name}")
                 z.writestr(farm_aws.SPEC_NAME, spec)
+                for name, text in farm_aws.package_files().items():
+                    z.writestr(name, text)
             written.append({"target": target.name, "archive": f"{target.name}.zip",
                             "test_spec": f"{target.name}.{farm_aws.SPEC_NAME}", "prompts": len(texts)})
         if out.exists():

@@ -301,7 +301,8 @@ def test_farm_package_run_and_collect(demo_bundle, tmp_path):
         names = set(z.namelist())
         z.extractall(tmp_path / "unpacked")
     assert {"demo-8da4w/model.pte", "demo-8da4w/llama_main", "demo-8da4w/expected.json",
-            "demo-8da4w/run_on_device.sh", "testspec.yml"} <= names
+            "demo-8da4w/run_on_device.sh", "testspec.yml", "requirements.txt", "tests/test_placeholder.py"} <= names
+    assert spec["android_test_host"] == "amazon_linux_2"
     for c in commands:
         for word in c.split():
             if "$DEVICEFARM_TEST_PACKAGE_PATH/" in word:
