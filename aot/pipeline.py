@@ -52,6 +52,13 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
     backend.require()
     return_freed_memory()
     plan = cfg.quant.plan()
+    try:
+        return _build(cfg, stages, backend, plan)
+    finally:
+        backend.forget_held()
+
+
+def _build(cfg: BuildConfig, stages: Stages, backend: Backend, plan: QuantPlan) -> dict:
     with Staging(cfg.out, cfg.force) as staging:
         with stages.stage("resolve"):
             src = resolve_source(cfg, plan)
@@ -65,7 +72,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
         source = "random weights" if cfg.random_weights else src.checkpoint.layout
         if streamed:  # each part quantized as it is loaded: the fp32 model never exists whole
             with stages.stage("load + quantize", f"{source}, {plan.scheme}"):
-                model = load_quantized(src, cfg, plan, stages.progress)
+                model = load_quantized(src, cfg, plan, stages.progress, backend)
         else:
             with stages.stage("load", source):
                 model = load_model(src, cfg)
@@ -236,7 +243,8 @@ def load_model(src: Source, cfg: BuildConfig) -> Transformer:
 STREAMED_LOAD = True
 
 
-def load_quantized(src: Source, cfg: BuildConfig, plan: QuantPlan, progress=None) -> Transformer:
+def load_quantized(src: Source, cfg: BuildConfig, plan: QuantPlan, progress=None,
+                   backend: Backend | None = None) -> Transformer:
     """The model materialised one part at a time (embedding, output projection and final norm;
     then each decoder layer), each part's weights read (or drawn) and quantized before the next is
     allocated. Peak memory: the quantized model plus one part in fp32 (the tied embedding's fp32
@@ -268,6 +276,9 @@ def load_quantized(src: Source, cfg: BuildConfig, plan: QuantPlan, progress=None
                 for buf in model.get_submodule(name).buffers():
                     buf.zero_()  # KV caches
             apply_plan(model, plan, parts=group)
+            if backend is not None:
+                for name in group:
+                    backend.hold_weights(model.get_submodule(name))
             if progress is not None:
                 progress(done + 1, len(parts))
     if plan.dtype == "bfloat16":  # as apply_plan's whole-model .to() does for the rope tables

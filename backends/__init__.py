@@ -54,6 +54,14 @@ class Backend:
         """A context manager around lowering (local workarounds of ExecuTorch); none by default."""
         return contextlib.nullcontext()
 
+    def hold_weights(self, module) -> int:
+        """Called on each part of the model as soon as it is quantized (streamed builds): a chance
+        to hold its weights more compactly until lowering; returns how many it holds. None by default."""
+        return 0
+
+    def forget_held(self) -> None:
+        """Drop whatever hold_weights still holds (a build ended before lowering took it)."""
+
     def bundle_fields(self, cfg) -> dict:
         """What bundle.json records under "target" for a build of `cfg`."""
         fields = {"delegate": self.name, "soc": cfg.soc}

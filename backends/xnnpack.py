@@ -34,14 +34,76 @@ class Xnnpack(Backend):
     def lowering_context(self):
         stack = contextlib.ExitStack()
         stack.enter_context(preprocess_shares_weights())
-        if FREE_PACKED_WEIGHTS:
-            stack.enter_context(free_weights_once_packed())
+        stack.enter_context(free_weights_once_packed(free=FREE_PACKED_WEIGHTS))
         return stack
+
+    def hold_weights(self, module) -> int:
+        """Hold `module`'s 4-bit weights two per byte until lowering (see Int4Hold)."""
+        return INT4_HOLD.hold(module) if HOLD_INT4_PACKED else 0
+
+    def forget_held(self) -> None:
+        INT4_HOLD.held.clear()
 
 
 # Release each delegated weight as soon as XNNPACK has packed it (False: keep every weight until
 # the program is serialized, as ExecuTorch does; the same .pte bytes, tests/test_streamed.py).
 FREE_PACKED_WEIGHTS = True
+# Between quantization and lowering, hold 4-bit weights two per byte (False: one int8 per weight,
+# as torchao keeps them; the same .pte bytes, tests/test_streamed.py).
+HOLD_INT4_PACKED = True
+
+
+class Int4Hold:
+    """4-bit weights held two per byte from quantization until XNNPACK reads them.
+
+    torchao's IntxUnpackedToInt8Tensor keeps each 4-bit value in an int8 (2.6 GB of the 3B's
+    decoder linears), and torch.export and ExecuTorch's edge passes need only the weights' shapes
+    (they trace with fake tensors). So once a part of the model is quantized, each 4-bit qdata
+    tensor's values move into a nibble-packed copy and its storage is emptied (the tensor keeps its
+    shape and dtype); just before XNNPACK's preprocess reads a delegated subgraph, its tensors are
+    unpacked back into their storage. Anything still held when lowering ends is unpacked then, so
+    nothing after lowering sees an empty weight.
+    """
+
+    def __init__(self):
+        self.held: dict[int, tuple] = {}  # storage -> (qdata tensor, packed uint8 [.., cols/2])
+
+    def hold(self, module) -> int:
+        import torch
+
+        count = 0
+        for m in module.modules():
+            w = getattr(m, "weight", None)
+            if type(w).__name__ != "IntxUnpackedToInt8Tensor" or w.target_dtype != torch.int4:
+                continue
+            q = w.qdata
+            if q.dtype != torch.int8 or q.shape[-1] % 2 or not q.is_contiguous() or q.storage_offset():
+                continue
+            u = q.view(torch.uint8) & 0xF
+            self.held[_storage_key(q)] = (q, (u[..., ::2] | (u[..., 1::2] << 4)).contiguous())
+            q.untyped_storage().resize_(0)
+            count += 1
+        return count
+
+    def release(self, tensors) -> None:
+        """Unpack the held weights among `tensors` back into their own storage."""
+        import torch
+
+        for t in tensors:
+            entry = self.held.pop(_storage_key(t), None)
+            if entry is None:
+                continue
+            q, packed = entry
+            q.untyped_storage().resize_(q.numel())
+            lo, hi = (packed & 0xF).view(torch.int8), (packed >> 4).view(torch.int8)
+            pairs = torch.stack([torch.where(lo > 7, lo - 16, lo), torch.where(hi > 7, hi - 16, hi)], -1)
+            q.copy_(pairs.reshape(q.shape))
+
+    def release_all(self) -> None:
+        self.release([q for q, _ in list(self.held.values())])
+
+
+INT4_HOLD = Int4Hold()
 
 
 @contextlib.contextmanager
@@ -77,7 +139,7 @@ def preprocess_shares_weights():
 
 
 @contextlib.contextmanager
-def free_weights_once_packed():
+def free_weights_once_packed(free: bool = True):
     """Free each delegated weight once XNNPACK has packed it into the delegate's own data.
 
     After XNNPACK's preprocess, a delegated subgraph's weights live twice until the program is
@@ -86,7 +148,8 @@ def free_weights_once_packed():
     is the larger (torchao keeps 4-bit values one per int8 byte), so holding it is most of
     lowering's and serialization's peak. A weight is freed only when exactly one delegated
     subgraph consumes it and no method's remaining graph, nor any other subgraph, refers to its
-    storage; the tensor keeps its shape, its storage becomes empty. Local workaround;
+    storage; the tensor keeps its shape, its storage becomes empty. Weights Int4Hold holds two per
+    byte are unpacked just before the preprocess that reads them. Local workaround;
     tests/test_streamed.py builds with and without it and compares the .pte bytes, and fails if
     ExecuTorch stops calling the hooks it wraps.
     """
@@ -102,7 +165,7 @@ def free_weights_once_packed():
         return [t for d in (program.state_dict, program.constants) for t in d.values() if isinstance(t, torch.Tensor)]
 
     def lower_all_freeing(backend_id, method_to_nodes, method_to_program):
-        if backend_id == XnnpackBackend.__name__:
+        if free and backend_id == XnnpackBackend.__name__:
             users: dict[int, int] = {}  # storage -> subgraphs consuming it (more than one: keep)
             kept: set[int] = set()  # storages the methods' own graphs still hold after lowering
             for method, nodes in method_to_nodes.items():
@@ -127,6 +190,7 @@ def free_weights_once_packed():
             freeable.clear()
 
     def preprocess_then_free(cls, edge_program, compile_specs):
+        INT4_HOLD.release(tensors(edge_program))  # held two per byte until now
         result = saved_preprocess.__get__(None, cls)(edge_program, compile_specs)
         for t in tensors(edge_program):
             if freeable.pop(id(t), None) is not None:
@@ -140,7 +204,10 @@ def free_weights_once_packed():
     finally:
         backend_api.lower_all_submodules_to_backend = lower_all
         XnnpackBackend.preprocess = saved_preprocess
+        INT4_HOLD.release_all()  # weights no subgraph took (none, with the greedy partitioner)
 
 
 def _storage_key(t) -> int:
-    return t.untyped_storage().data_ptr()
+    # The storage's identity (its StorageImpl), not its data pointer: held and freed weights have
+    # empty storages, whose data pointers are all 0.
+    return t.untyped_storage()._cdata

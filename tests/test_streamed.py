@@ -73,8 +73,11 @@ def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, 
 
     from aot.backends.xnnpack import Xnnpack
 
+    from aot.backends import xnnpack
+
     assert "copy_exported_program_for_preprocess" in inspect.getsource(backend_api.lower_all_submodules_to_backend)
     monkeypatch.setattr(Xnnpack, "lowering_context", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(xnnpack, "HOLD_INT4_PACKED", False)  # held weights need the lowering context
     result = _build(tmp_path / "copying", hf_ckpt, "--quant", "8da4w")
     assert (tmp_path / "copying" / "model.pte").read_bytes() == (Path(bundle_8da4w["path"]) / "model.pte").read_bytes()
     assert result["build"]["input_key"] == bundle_8da4w["build"]["input_key"]
@@ -102,3 +105,25 @@ def test_lowering_frees_weights_once_packed(bundle_fp32, hf_ckpt, tmp_path, monk
     monkeypatch.setattr(xnnpack, "FREE_PACKED_WEIGHTS", False)
     _build(tmp_path / "keeping", hf_ckpt, "--quant", "none")
     assert (tmp_path / "keeping" / "model.pte").read_bytes() == (Path(bundle_fp32["path"]) / "model.pte").read_bytes()
+
+
+def test_int4_weights_are_held_packed_until_lowering(tmp_path, monkeypatch):
+    """backends/xnnpack.py holds 4-bit weights two per byte between quantization and XNNPACK's
+    preprocess. Fails if nothing is held (the hook stopped being called), if a held weight is never
+    handed back, or if holding changes a byte of the program (the plain build holds nothing)."""
+    from conftest import run_cli
+
+    from aot import pipeline
+    from aot.backends import xnnpack
+
+    held, hold = [], xnnpack.Int4Hold.hold
+    monkeypatch.setattr(xnnpack.Int4Hold, "hold", lambda self, m: held.append(hold(self, m)) or held[-1])
+    flags = ["--model", "tiny", "--random-weights", "--quant", "8da4w", "--max-seq-len", SEQ, "--max-context-len", CTX,
+             "--bos-id", 0, "--eos-id", 1, "--json"]
+    result = run_cli("build", *flags, "--out", tmp_path / "held")
+    assert result.exit_code == 0, result.stderr
+    assert sum(held) == 2 * 7 and not xnnpack.INT4_HOLD.held  # every decoder linear held, all handed back
+    monkeypatch.setattr(pipeline, "STREAMED_LOAD", False)
+    result = run_cli("build", *flags, "--out", tmp_path / "plain")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "plain" / "model.pte").read_bytes() == (tmp_path / "held" / "model.pte").read_bytes()
