@@ -1,0 +1,476 @@
+"""Llama 3.2 Vision (Mllama): the image encoder and the text decoder with gated cross-attention,
+written to export as two methods of one program.
+
+- `VisionEncoder(pixel_values [1,1,T,3,H,W], aspect_ratio_ids [1,1], aspect_ratio_mask [1,1,T])`
+  runs the tiled ViT (local layers with intermediate outputs, gated global layers), the projector,
+  and then every cross-attention layer's K/V projection and k-norm: the image state is one (K, V)
+  pair per cross layer, [1, kv_heads, T * patches, head_dim] each, computed once per image.
+- `TextDecoder(tokens [1,S], input_pos [S], cross_attention_mask [1,S,T], *image_state)` is the
+  decoder with a static self-attention KV cache (buffers) and the cross layers reading the image
+  state. A zero state with a zero mask turns every cross layer into the identity, exactly as
+  transformers skips them on text-only turns.
+
+Layout and arithmetic follow transformers' MllamaForConditionalGeneration (rotary half-split q/k,
+its cross-attention masking: rows before the image attend everywhere, and only their MLP output is
+masked), which tests/test_mllama.py uses as the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aot.errors import CheckpointError
+from aot.model import RopeScaling, _llama3_scale
+
+
+@dataclass(frozen=True)
+class VisionArgs:
+    dim: int = 1280
+    n_layers: int = 32
+    n_global_layers: int = 8
+    n_heads: int = 16
+    ffn_hidden: int = 5120
+    image_size: int = 560
+    patch_size: int = 14
+    max_tiles: int = 4
+    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+    norm_eps: float = 1e-5
+    channels: int = 3
+
+    @property
+    def patches(self) -> int:  # per tile, with the class token
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        return self.dim * (len(self.intermediate_layers) + 1)
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        return sum(1 for a in range(1, self.max_tiles + 1) for b in range(1, self.max_tiles + 1) if a * b <= self.max_tiles)
+
+
+@dataclass(frozen=True)
+class TextArgs:
+    dim: int = 4096
+    n_layers: int = 40
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128_256
+    ffn_hidden: int = 14_336
+    cross_layers: tuple[int, ...] = (3, 8, 13, 18, 23, 28, 33, 38)
+    norm_eps: float = 1e-5
+    rope_theta: float = 500_000.0
+    rope_scaling: RopeScaling | None = field(default_factory=lambda: RopeScaling(factor=8.0))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True)
+class MllamaArgs:
+    text: TextArgs
+    vision: VisionArgs
+    image_token_id: int = 128_256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Published sizes (HF config.json of Llama-3.2-11B-Vision / -90B-Vision).
+VISION_MODELS: dict[str, MllamaArgs] = {
+    "11b-vision": MllamaArgs(TextArgs(), VisionArgs()),
+    "90b-vision": MllamaArgs(
+        TextArgs(dim=8192, n_layers=100, n_heads=64, n_kv_heads=8, ffn_hidden=28_672,
+                 cross_layers=tuple(range(3, 100, 5))),
+        VisionArgs()),
+}
+
+
+def args_from_hf_config(path: Path) -> MllamaArgs:
+    """config.json (model_type mllama) -> MllamaArgs; both rope layouts (rope_parameters, or
+    rope_theta + rope_scaling)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable config.json ({e})") from None
+    if cfg.get("model_type") != "mllama":
+        raise CheckpointError(f"{path}: model_type is {cfg.get('model_type')!r}, not 'mllama' (Llama 3.2 Vision)")
+    t, v = cfg["text_config"], cfg["vision_config"]
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", t.get("rope_theta", 500_000.0))
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                              high_freq_factor=rope["high_freq_factor"],
+                              original_context=rope["original_max_position_embeddings"])
+    text = TextArgs(dim=t["hidden_size"], n_layers=t["num_hidden_layers"], n_heads=t["num_attention_heads"],
+                    n_kv_heads=t["num_key_value_heads"], vocab_size=t["vocab_size"], ffn_hidden=t["intermediate_size"],
+                    cross_layers=tuple(t["cross_attention_layers"]), norm_eps=t.get("rms_norm_eps", 1e-5),
+                    rope_theta=theta, rope_scaling=scaling)
+    vision = VisionArgs(dim=v["hidden_size"], n_layers=v["num_hidden_layers"], n_global_layers=v["num_global_layers"],
+                        n_heads=v["attention_heads"], ffn_hidden=v["intermediate_size"], image_size=v["image_size"],
+                        patch_size=v["patch_size"], max_tiles=v["max_num_tiles"],
+                        intermediate_layers=tuple(v["intermediate_layers_indices"]), norm_eps=v.get("norm_eps", 1e-5),
+                        channels=v.get("num_channels", 3))
+    return MllamaArgs(text, vision, image_token_id=cfg.get("image_token_index", t["vocab_size"]))
+
+
+# ---- vision -----------------------------------------------------------------------------------
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, a: VisionArgs, gated: bool):
+        super().__init__()
+        self.n_heads, self.head_dim = a.n_heads, a.dim // a.n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(a.dim, a.dim, bias=False) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(a.dim, a.ffn_hidden), nn.Linear(a.ffn_hidden, a.dim)
+        self.input_layernorm = nn.LayerNorm(a.dim, eps=a.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(a.dim, eps=a.norm_eps)
+        self.gated = gated
+        if gated:
+            self.gate_attn = nn.Parameter(torch.zeros(1))
+            self.gate_ffn = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (p(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        x = x + (self.gate_attn.tanh() * h if self.gated else h)
+        h = self.fc2(F.gelu(self.fc1(self.post_attention_layernorm(x))))
+        return x + (self.gate_ffn.tanh() * h if self.gated else h)
+
+
+class VisionEncoder(nn.Module):
+    """Pixels -> per-cross-layer (K, V) of the projected image features."""
+
+    def __init__(self, args: MllamaArgs):
+        super().__init__()
+        a, t = args.vision, args.text
+        self.args = args
+        self.patch_embedding = nn.Conv2d(a.channels, a.dim, a.patch_size, a.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(a.dim))
+        n_ids = a.max_aspect_ratio_id + 1
+        self.pos_embedding = nn.Parameter(torch.zeros(a.patches, a.dim))
+        self.pos_gate = nn.Parameter(torch.zeros(1))
+        self.tile_pos_embedding = nn.Embedding(n_ids, a.max_tiles * a.patches * a.dim)
+        self.pre_tile_embedding = nn.Embedding(n_ids, a.max_tiles * a.dim)
+        self.pre_tile_gate = nn.Parameter(torch.zeros(1))
+        self.post_tile_embedding = nn.Embedding(n_ids, a.max_tiles * a.dim)
+        self.post_tile_gate = nn.Parameter(torch.zeros(1))
+        self.layernorm_pre = nn.LayerNorm(a.dim)
+        self.layernorm_post = nn.LayerNorm(a.dim)
+        self.layers = nn.ModuleList(VisionLayer(a, gated=False) for _ in range(a.n_layers))
+        self.global_layers = nn.ModuleList(VisionLayer(a, gated=True) for _ in range(a.n_global_layers))
+        self.projector = nn.Linear(a.output_dim, t.dim)
+        self.cross_k = nn.ModuleList(nn.Linear(t.dim, t.n_kv_heads * t.head_dim, bias=False) for _ in t.cross_layers)
+        self.cross_v = nn.ModuleList(nn.Linear(t.dim, t.n_kv_heads * t.head_dim, bias=False) for _ in t.cross_layers)
+        self.cross_k_norm = nn.ModuleList(RMSNorm(t.head_dim, t.norm_eps) for _ in t.cross_layers)
+
+    def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor):
+        a, t = self.args.vision, self.args.text
+        tiles = pixel_values.shape[2]
+        x = self.patch_embedding(pixel_values.reshape(tiles, a.channels, a.image_size, a.image_size))
+        x = x.flatten(2).transpose(1, 2)  # [T, patches - 1, dim]
+        ar = aspect_ratio_ids.reshape(1)
+        x = x.reshape(1, tiles, -1, a.dim) + self.pre_tile_embedding(ar).reshape(1, a.max_tiles, 1, a.dim) * self.pre_tile_gate.tanh()
+        x = torch.cat([self.class_embedding.expand(tiles, 1, a.dim), x.reshape(tiles, -1, a.dim)], dim=1)
+        x = x.reshape(1, tiles, a.patches, a.dim) + (1 - self.pos_gate.tanh()) * self.pos_embedding
+        x = x + self.pos_gate.tanh() * self.tile_pos_embedding(ar).reshape(1, a.max_tiles, a.patches, a.dim)
+        x = self.layernorm_pre(x)
+        pad = (8 - a.patches % 8) % 8
+        length = a.patches + pad
+        x = F.pad(x, (0, 0, 0, pad)).reshape(1, tiles * length, a.dim)
+        mask = _tile_mask(aspect_ratio_mask.reshape(1, tiles), a.patches, length, x.dtype)
+        intermediate = {}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask)
+            if i in a.intermediate_layers:
+                intermediate[i] = x
+        x = self.layernorm_post(x).reshape(1, tiles, length, a.dim)
+        x = x + self.post_tile_embedding(ar).reshape(1, a.max_tiles, 1, a.dim) * self.post_tile_gate.tanh()
+        x = x.reshape(1, tiles * length, a.dim)
+        for layer in self.global_layers:
+            x = layer(x, mask)
+        x = x.reshape(1, tiles, length, a.dim)[:, :, : a.patches]
+        inter = torch.stack([intermediate[i] for i in a.intermediate_layers], dim=-1)
+        inter = inter.reshape(1, tiles, length, -1)[:, :, : a.patches]
+        features = self.projector(torch.cat([x, inter], dim=-1)).reshape(1, tiles * a.patches, t.dim)
+        state = []
+        for k_proj, v_proj, k_norm in zip(self.cross_k, self.cross_v, self.cross_k_norm):
+            k = k_norm(k_proj(features).view(1, -1, t.n_kv_heads, t.head_dim).transpose(1, 2))
+            v = v_proj(features).view(1, -1, t.n_kv_heads, t.head_dim).transpose(1, 2)
+            state += [k, v]
+        return tuple(state)
+
+
+def _tile_mask(aspect_ratio_mask: torch.Tensor, patches: int, length: int, dtype) -> torch.Tensor:
+    """Additive [1, 1, T*L, T*L] mask: padding tiles and padding patches attend nowhere real
+    (transformers' _prepare_aspect_ratio_attention_mask)."""
+    b, tiles = aspect_ratio_mask.shape
+    m = aspect_ratio_mask.view(b, tiles, 1, 1).to(dtype).repeat(1, 1, length, 1)
+    m[:, :, -(length - patches):] = 0  # as transformers writes it (no padding: -0 clears every row)
+    inv = (1 - m).reshape(b, tiles * length, 1)
+    return (inv @ inv.transpose(-1, -2) * torch.finfo(dtype).min).unsqueeze(1)
+
+
+# ---- text -------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfLayer(nn.Module):
+    def __init__(self, t: TextArgs, context: int):
+        super().__init__()
+        self.t = t
+        hd = t.head_dim
+        self.q_proj = nn.Linear(t.dim, t.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(t.dim, t.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(t.dim, t.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(t.n_heads * hd, t.dim, bias=False)
+        self.mlp = Mlp(t.dim, t.ffn_hidden)
+        self.input_layernorm = RMSNorm(t.dim, t.norm_eps)
+        self.post_attention_layernorm = RMSNorm(t.dim, t.norm_eps)
+        self.register_buffer("k_cache", torch.zeros(1, t.n_kv_heads, context, hd), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, t.n_kv_heads, context, hd), persistent=False)
+
+    def forward(self, x, input_pos, cos, sin, mask):
+        t, (b, s, _) = self.t, x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).view(b, s, t.n_heads, t.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, s, t.n_kv_heads, t.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, s, t.n_kv_heads, t.head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        attn = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, s, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CrossLayer(nn.Module):
+    def __init__(self, t: TextArgs):
+        super().__init__()
+        self.t = t
+        self.q_proj = nn.Linear(t.dim, t.n_heads * t.head_dim, bias=False)
+        self.o_proj = nn.Linear(t.n_heads * t.head_dim, t.dim, bias=False)
+        self.q_norm = RMSNorm(t.head_dim, t.norm_eps)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = Mlp(t.dim, t.ffn_hidden)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.input_layernorm = RMSNorm(t.dim, t.norm_eps)
+        self.post_attention_layernorm = RMSNorm(t.dim, t.norm_eps)
+
+    def forward(self, x, k, v, mask, row_mask):
+        t, (b, s, _) = self.t, x.shape
+        q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(b, s, t.n_heads, t.head_dim).transpose(1, 2))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        x = x + self.attn_gate.tanh() * self.o_proj(attn.transpose(1, 2).reshape(b, s, -1))
+        h = row_mask * self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp_gate.tanh() * h
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, args: MllamaArgs, max_context_len: int):
+        super().__init__()
+        t = args.text
+        self.args, self.context = args, max_context_len
+        self.embed_tokens = nn.Embedding(t.vocab_size + 8, t.dim)
+        self.layers = nn.ModuleList(CrossLayer(t) if i in t.cross_layers else SelfLayer(t, max_context_len)
+                                    for i in range(t.n_layers))
+        self.norm = RMSNorm(t.dim, t.norm_eps)
+        self.lm_head = nn.Linear(t.dim, t.vocab_size, bias=False)
+        inv = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float64) / t.head_dim))
+        if t.rope_scaling is not None:
+            inv = _llama3_scale(inv, t.rope_scaling)
+        angles = torch.outer(torch.arange(max_context_len, dtype=torch.float64), inv)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+
+    def forward(self, tokens, input_pos, cross_attention_mask, *image_state):
+        a = self.args
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rope_cos[input_pos][None, None], self.rope_sin[input_pos][None, None]
+        positions = torch.arange(self.context)
+        causal = torch.where(positions[None, :] <= input_pos[:, None], 0.0, float("-inf"))[None, None]
+        # transformers' _prepare_cross_attention_mask: per text row, tiles it may see (each tile's
+        # patches); rows that see none attend everywhere, and only their MLP output is masked out.
+        patches = a.vision.patches
+        allowed = cross_attention_mask.repeat_interleave(patches, dim=2)[:, None]  # [1, 1, S, T*P]
+        min_value = torch.finfo(x.dtype).min
+        cross = (1.0 - allowed) * min_value
+        row_mask = (allowed.sum(-1, keepdim=True) > 0).to(x.dtype)  # [1, 1, S, 1]
+        cross = cross * row_mask
+        row_mask = row_mask[:, 0]  # [1, S, 1]
+        cross_i = 0
+        for layer in self.layers:
+            if isinstance(layer, CrossLayer):
+                k, v = image_state[2 * cross_i], image_state[2 * cross_i + 1]
+                x = layer(x, k, v, cross, row_mask)
+                cross_i += 1
+            else:
+                x = layer(x, input_pos, cos, sin, causal)
+        return self.lm_head(self.norm(x))[:, -1]
+
+    def reset_cache(self):
+        for layer in self.layers:
+            if isinstance(layer, SelfLayer):
+                layer.k_cache.zero_()
+                layer.v_cache.zero_()
+
+
+def zero_image_state(args: MllamaArgs, tiles: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The state of a text-only turn: with a zero mask, every cross layer is the identity."""
+    t, tiles = args.text, tiles or args.vision.max_tiles
+    shape = (1, t.n_kv_heads, tiles * args.vision.patches, t.head_dim)
+    return tuple(torch.zeros(shape) for _ in range(2 * len(t.cross_layers)))
+
+
+# ---- Hugging Face weights -------------------------------------------------------------------
+
+
+def _hf_names(args: MllamaArgs) -> dict[str, str]:
+    """Our parameter name -> HF's in-memory name (transformers 5: model.language_model.*, lm_head.*)."""
+    a, t = args.vision, args.text
+    out = {
+        "vision.patch_embedding.weight": "model.vision_model.patch_embedding.weight",
+        "vision.class_embedding": "model.vision_model.class_embedding",
+        "vision.pos_embedding": "model.vision_model.gated_positional_embedding.embedding",
+        "vision.pos_gate": "model.vision_model.gated_positional_embedding.gate",
+        "vision.tile_pos_embedding.weight": "model.vision_model.gated_positional_embedding.tile_embedding.weight",
+        "vision.pre_tile_embedding.weight": "model.vision_model.pre_tile_positional_embedding.embedding.weight",
+        "vision.pre_tile_gate": "model.vision_model.pre_tile_positional_embedding.gate",
+        "vision.post_tile_embedding.weight": "model.vision_model.post_tile_positional_embedding.embedding.weight",
+        "vision.post_tile_gate": "model.vision_model.post_tile_positional_embedding.gate",
+        "vision.projector.weight": "model.multi_modal_projector.weight",
+        "vision.projector.bias": "model.multi_modal_projector.bias",
+        "text.embed_tokens.weight": "model.language_model.embed_tokens.weight",
+        "text.norm.weight": "model.language_model.norm.weight",
+        "text.lm_head.weight": "lm_head.weight",
+    }
+    for p in ("weight", "bias"):
+        out[f"vision.layernorm_pre.{p}"] = f"model.vision_model.layernorm_pre.{p}"
+        out[f"vision.layernorm_post.{p}"] = f"model.vision_model.layernorm_post.{p}"
+    for ours, theirs, n in (("layers", "transformer.layers", a.n_layers), ("global_layers", "global_transformer.layers", a.n_global_layers)):
+        for i in range(n):
+            src, dst = f"model.vision_model.{theirs}.{i}", f"vision.{ours}.{i}"
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{dst}.{proj}.weight"] = f"{src}.self_attn.{proj}.weight"
+            for fc in ("fc1", "fc2"):
+                for p in ("weight", "bias"):
+                    out[f"{dst}.{fc}.{p}"] = f"{src}.mlp.{fc}.{p}"
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                for p in ("weight", "bias"):
+                    out[f"{dst}.{norm}.{p}"] = f"{src}.{norm}.{p}"
+            if ours == "global_layers":
+                out[f"{dst}.gate_attn"], out[f"{dst}.gate_ffn"] = f"{src}.gate_attn", f"{src}.gate_ffn"
+    for i in range(t.n_layers):
+        src, dst = f"model.language_model.layers.{i}", f"text.layers.{i}"
+        for mlp in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{dst}.mlp.{mlp}.weight"] = f"{src}.mlp.{mlp}.weight"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{dst}.{norm}.weight"] = f"{src}.{norm}.weight"
+        if i in t.cross_layers:
+            c = t.cross_layers.index(i)
+            out[f"{dst}.q_proj.weight"] = f"{src}.cross_attn.q_proj.weight"
+            out[f"{dst}.o_proj.weight"] = f"{src}.cross_attn.o_proj.weight"
+            out[f"{dst}.q_norm.weight"] = f"{src}.cross_attn.q_norm.weight"
+            out[f"{dst}.attn_gate"] = f"{src}.cross_attn_attn_gate"
+            out[f"{dst}.mlp_gate"] = f"{src}.cross_attn_mlp_gate"
+            out[f"vision.cross_k.{c}.weight"] = f"{src}.cross_attn.k_proj.weight"
+            out[f"vision.cross_v.{c}.weight"] = f"{src}.cross_attn.v_proj.weight"
+            out[f"vision.cross_k_norm.{c}.weight"] = f"{src}.cross_attn.k_norm.weight"
+        else:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{dst}.{proj}.weight"] = f"{src}.self_attn.{proj}.weight"
+    return out
+
+
+def _canonical(name: str) -> str:
+    """Saved names (transformers' legacy prefixes) -> in-memory names."""
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_model.", "model.vision_model."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+class Mllama(nn.Module):
+    def __init__(self, args: MllamaArgs, max_context_len: int):
+        super().__init__()
+        self.args = args
+        self.vision = VisionEncoder(args)
+        self.text = TextDecoder(args, max_context_len)
+
+
+def load_hf(directory: Path, max_context_len: int, dtype=torch.float32) -> Mllama:
+    """An HF Mllama checkpoint (config.json + safetensors, sharded with an index or not)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    args = args_from_hf_config(directory / "config.json")
+    model = Mllama(args, max_context_len)
+    wanted = {theirs: ours for ours, theirs in _hf_names(args).items()}
+    params = dict(model.named_parameters())
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors files")
+    seen, extra = set(), []
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    ours = wanted.get(_canonical(name))
+                    if ours is None:
+                        extra.append(name)
+                        continue
+                    tensor = st.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(params[ours].shape):
+                        raise CheckpointError(f"{f}: {name} has shape {list(tensor.shape)}, expected {list(params[ours].shape)}")
+                    params[ours].copy_(tensor.to(dtype))
+                    seen.add(ours)
+    missing = sorted(set(params) - seen)
+    if missing or extra:
+        raise CheckpointError(f"{directory}: weights do not fit config.json: {len(missing)} missing "
+                              f"({', '.join(missing[:2])}), {len(extra)} unexpected ({', '.join(extra[:2])})")
+    return model.eval()
+
+
+def num_params(args: MllamaArgs) -> int:
+    with torch.device("meta"):  # sizes only
+        return sum(p.numel() for p in Mllama(args, 8).parameters())
