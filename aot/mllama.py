@@ -468,9 +468,64 @@ def load_hf(directory: Path, max_context_len: int, dtype=torch.float32) -> Mllam
     if missing or extra:
         raise CheckpointError(f"{directory}: weights do not fit config.json: {len(missing)} missing "
                               f"({', '.join(missing[:2])}), {len(extra)} unexpected ({', '.join(extra[:2])})")
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def num_params(args: MllamaArgs) -> int:
     with torch.device("meta"):  # sizes only
         return sum(p.numel() for p in Mllama(args, 8).parameters())
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+def metadata(args: MllamaArgs, max_seq_len: int, max_context_len: int, bos_id: int, eos_ids: list[int]) -> dict:
+    """Constant methods of a vision bundle: the text runners' set plus what an image runner needs."""
+    return {
+        "get_max_seq_len": max_seq_len, "get_max_context_len": max_context_len,
+        "get_vocab_size": args.text.vocab_size, "get_n_layers": args.text.n_layers,
+        "use_kv_cache": True, "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": max_seq_len > 1,
+        "get_bos_id": bos_id, "get_eos_ids": list(eos_ids),
+        "get_image_token_id": args.image_token_id, "get_max_num_tiles": args.vision.max_tiles,
+        "get_tile_size": args.vision.image_size, "get_num_patches": args.vision.patches,
+        "get_n_cross_layers": len(args.text.cross_layers),
+    }
+
+
+def example_inputs(args: MllamaArgs, seq: int = 2):
+    a = args.vision
+    vision = (torch.zeros(1, 1, a.max_tiles, a.channels, a.image_size, a.image_size), torch.ones(1, 1, dtype=torch.long),
+              torch.ones(1, 1, a.max_tiles, dtype=torch.long))
+    text = (torch.zeros(1, seq, dtype=torch.long), torch.arange(seq), torch.zeros(1, seq, a.max_tiles),
+            *zero_image_state(args))
+    return vision, text
+
+
+def export_methods(model: Mllama, max_seq_len: int) -> dict:
+    """torch.export of `vision_encoder` (static shapes) and `text_decoder` (1..max_seq_len tokens)."""
+    vision_in, text_in = example_inputs(model.args, seq=min(2, max_seq_len))
+    programs = {"vision_encoder": torch.export.export(model.vision, vision_in, strict=False)}
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len) if max_seq_len > 1 else None
+    dims = ({1: seq}, {0: seq}, {1: seq}) if seq is not None else (None, None, None)
+    text_in = text_in if seq is not None else (text_in[0][:, :1], text_in[1][:1], text_in[2][:, :1], *text_in[3:])
+    programs["text_decoder"] = torch.export.export(
+        model.text, text_in, strict=False, dynamic_shapes=(*dims, tuple(None for _ in text_in[3:])))
+    return programs
+
+
+def to_program(programs: dict, constant_methods: dict):
+    """Lower both methods to XNNPACK and plan one program: the KV cache buffers are planned apart
+    from the arenas the methods share (`share_mutable_buffers`), so running `vision_encoder` between
+    decoder calls cannot overwrite it; inputs are not copied into planned memory."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    edge = to_edge_transform_and_lower(
+        programs, partitioner={name: [XnnpackPartitioner()] for name in programs},
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=constant_methods)
+    return edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+        emit_mutable_buffer_names=True))

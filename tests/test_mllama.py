@@ -130,3 +130,40 @@ def test_legacy_saved_prefixes_load(checkpoint, tmp_path):
     a, b = load_hf(path, 16), load_hf(tmp_path, 16)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_two_method_program_runs_in_executorch(checkpoint, tmp_path):
+    """vision_encoder and text_decoder lowered to XNNPACK in one .pte; ExecuTorch's runtime gives
+    the eager model's image state and logits, and running the vision method between decoder
+    calls leaves the KV cache alone (the methods share planned memory; the cache is planned apart)."""
+    from executorch.runtime import Runtime
+
+    from aot.mllama import export_methods, metadata, to_program
+
+    path, _ = checkpoint
+    if path.name != "rope_parameters":
+        pytest.skip("one layout is enough for the program test (lowering is the slow part)")
+    model = load_hf(path, max_context_len=32)
+    program = to_program(export_methods(model, max_seq_len=16), metadata(model.args, 16, 32, 1, [2]))
+    pte = tmp_path / "model.pte"
+    with open(pte, "wb") as f:
+        program.write_to_file(f)
+    loaded = Runtime.get().load_program(str(pte))
+    assert {"vision_encoder", "text_decoder", "get_image_token_id", "get_n_cross_layers"} <= set(loaded.method_names)
+    assert list(loaded.load_method("get_image_token_id").execute([])) == [IMAGE_TOKEN]
+    vision, text = loaded.load_method("vision_encoder"), loaded.load_method("text_decoder")
+    pixel_values, ar_ids, ar_mask = _image_inputs()
+    tokens = [1, 7, IMAGE_TOKEN, 9, 11, 13, 2, 17]
+    mask = _cross_mask(tokens, tiles=3)[:, :, 0].float()
+    with torch.no_grad():
+        state = model.vision(pixel_values, ar_ids, ar_mask)
+        model.text.reset_cache()
+        want_first = model.text(torch.tensor([tokens[:-1]]), torch.arange(7), mask[:, :-1], *state)
+        want_last = model.text(torch.tensor([tokens[-1:]]), torch.tensor([7]), mask[:, -1:], *state)
+    got_state = vision.execute([pixel_values, ar_ids, ar_mask])
+    assert max((a - b).abs().max().item() for a, b in zip(got_state, state)) < 5e-3
+    got_first = text.execute([torch.tensor([tokens[:-1]]), torch.arange(7), mask[:, :-1], *got_state])[0]
+    vision.execute([torch.randn_like(pixel_values), ar_ids, ar_mask])  # between decoder calls
+    got_last = text.execute([torch.tensor([tokens[-1:]]), torch.tensor([7]), mask[:, -1:], *got_state])[0]
+    assert torch.allclose(got_first, want_first, atol=1e-3), (got_first - want_first).abs().max()
+    assert torch.allclose(got_last, want_last, atol=1e-3), (got_last - want_last).abs().max()
