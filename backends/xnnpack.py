@@ -77,7 +77,8 @@ class Int4Hold:
             if type(w).__name__ != "IntxUnpackedToInt8Tensor" or w.target_dtype != torch.int4:
                 continue
             q = w.qdata
-            if q.dtype != torch.int8 or q.shape[-1] % 2 or not q.is_contiguous() or q.storage_offset():
+            if (q.dtype != torch.int8 or q.shape[-1] % 2 or not q.is_contiguous() or q.storage_offset()
+                    or not q.untyped_storage().resizable()):
                 continue
             u = q.view(torch.uint8) & 0xF
             self.held[_storage_key(q)] = (q, (u[..., ::2] | (u[..., 1::2] << 4)).contiguous())
@@ -182,7 +183,9 @@ def free_weights_once_packed(free: bool = True):
                 for node in nodes:
                     for t in tensors(node.meta["submodule_program"]):
                         key = _storage_key(t)
-                        if users.get(key) == 1 and key not in kept:
+                        # Storages mapped from a file (torch.load(mmap=True)) cannot be resized; the
+                        # kernel drops their clean pages on its own.
+                        if users.get(key) == 1 and key not in kept and t.untyped_storage().resizable():
                             freeable[id(t)] = t
         try:
             return lower_all(backend_id, method_to_nodes, method_to_program)

@@ -32,19 +32,22 @@ def _config(rope: str):
     return transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN)
 
 
-@pytest.fixture(scope="module", params=["rope_parameters", "rope_scaling"])
-def checkpoint(request, tmp_path_factory):
+def _checkpoint(rope: str, out):
     torch.manual_seed(0)
-    hf = transformers.MllamaForConditionalGeneration(_config(request.param)).eval()
+    hf = transformers.MllamaForConditionalGeneration(_config(rope)).eval()
     with torch.no_grad():  # gates start at zero in HF's init: open them so every path counts
         for name, p in hf.named_parameters():
             if "gate" in name:
                 p.fill_(0.7)
-    out = tmp_path_factory.mktemp("mllama") / request.param
     hf.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())["text_config"]
     assert ("rope_parameters" in saved) or ("rope_scaling" in saved)
     return out, hf
+
+
+@pytest.fixture(scope="module", params=["rope_parameters", "rope_scaling"])
+def checkpoint(request, tmp_path_factory):
+    return _checkpoint(request.param, tmp_path_factory.mktemp("mllama") / request.param)
 
 
 def _image_inputs(tiles: int = 3):
@@ -132,7 +135,7 @@ def test_legacy_saved_prefixes_load(checkpoint, tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_two_method_program_runs_in_executorch(checkpoint, tmp_path):
+def test_two_method_program_runs_in_executorch(tmp_path):
     """vision_encoder and text_decoder lowered to XNNPACK in one .pte; ExecuTorch's runtime gives
     the eager model's image state and logits, and running the vision method between decoder
     calls leaves the KV cache alone (the methods share planned memory; the cache is planned apart)."""
@@ -140,9 +143,7 @@ def test_two_method_program_runs_in_executorch(checkpoint, tmp_path):
 
     from aot.mllama import export_methods, metadata, to_program
 
-    path, _ = checkpoint
-    if path.name != "rope_parameters":
-        pytest.skip("one layout is enough for the program test (lowering is the slow part)")
+    path, _ = _checkpoint("rope_parameters", tmp_path / "ckpt")  # one layout: lowering is the slow part
     model = load_hf(path, max_context_len=32)
     program = to_program(export_methods(model, max_seq_len=16), metadata(model.args, 16, 32, 1, [2]))
     pte = tmp_path / "model.pte"
