@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +48,6 @@ class DeviceConfig:
     min_prefill_tps: float | None = None
     min_decode_tps: float | None = None
     skip_speed: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("prompts", "prompt_tokens", "new_tokens", "repeats"):
