@@ -564,14 +564,9 @@ def farm_collect(
             print(json.dumps(result))
         else:
             out.print(table(result))
-        if not result["ok"]:
-            failed = [f"{r['device']['serial']}/{r['target']}: {g['name']} {g['value']} not {g['op']} {g['threshold']}"
-                      for r in result["runs"] for g in r["gates"] if not g["ok"]]
-            from aot.errors import GatesFailed
-
-            error = GatesFailed("device gates failed: " + "; ".join(failed))
-            error.result_printed = as_json
-            raise error
+        gates = [{**g, "name": f"{r['device']['serial']}/{r['target']}: {g['name']}"}
+                 for r in result["runs"] for g in r["gates"]]
+        _raise_if_failed({"ok": result["ok"], "gates": gates}, as_json)
 
 
 def _record_farm_results(manifest: Path, root: Optional[Path], result: dict) -> None:

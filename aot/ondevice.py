@@ -172,19 +172,28 @@ def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference:
 
 
 def device_gates(cfg: DeviceConfig, rows: list[dict], speed: dict | None) -> list[dict]:
-    gates = [{"name": f"prompt{r['prompt']}.agreement_host", "value": r["agreement_host"],
-              "threshold": cfg.min_agreement, "op": ">=", "ok": r["agreement_host"] >= cfg.min_agreement,
-              "hint": f"the device's tokens leave the host's at position {r['first_divergence_host']}"}
-             for r in rows]
+    gates = [agreement_gate(r, cfg.min_agreement) for r in rows]
     for name, key, threshold in (("min_prefill_tps", "prefill_tps", cfg.min_prefill_tps),
                                  ("min_decode_tps", "decode_tps", cfg.min_decode_tps)):
         if threshold is None:
             continue
         if speed is None:
             raise ConfigError(f"--{name.replace('_', '-')} needs the speed runs; drop --skip-speed")
-        value = speed[key]["median"]
-        gates.append({"name": name, "value": value, "threshold": threshold, "op": ">=", "ok": value >= threshold})
+        gates.append(speed_gate(name, speed[key]["median"], threshold))
     return gates
+
+
+def agreement_gate(row: dict, threshold: float) -> dict:
+    """A prompt's device-vs-host gate (also `aot farm collect`'s); a row with a `problem` (no
+    usable runner output) fails with it as the hint."""
+    problem = row.get("problem")
+    return {"name": f"prompt{row['prompt']}.agreement_host", "value": row["agreement_host"], "threshold": threshold,
+            "op": ">=", "ok": problem is None and row["agreement_host"] >= threshold,
+            "hint": problem or f"the device's tokens leave the host's at position {row['first_divergence_host']}"}
+
+
+def speed_gate(name: str, value: float, threshold: float) -> dict:
+    return {"name": name, "value": value, "threshold": threshold, "op": ">=", "ok": value >= threshold}
 
 
 def _remote_dir(bundle: Bundle, root: str) -> str:
@@ -286,21 +295,11 @@ def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stag
 
 def junit_xml(result: dict) -> str:
     """One testcase per device x prompt x check (and per speed gate)."""
-    from xml.etree import ElementTree as ET
+    from aot.validate import junit_suite
 
-    gates = result["gates"]
     device = result["device"].get("name", "device")
-    suite = ET.Element("testsuite", name=f"aot.validate.device.{device}", tests=str(len(gates)),
-                       failures=str(sum(not g["ok"] for g in gates)), errors="0")
-    props = ET.SubElement(suite, "properties")
-    for key, value in result["device"].items():
-        if not isinstance(value, dict):
-            ET.SubElement(props, "property", name=f"device.{key}", value=str(value))
+    properties = {f"device.{k}": v for k, v in result["device"].items() if not isinstance(v, dict)}
     for key, value in (result["speed"] or {}).items():
-        ET.SubElement(props, "property", name=f"speed.{key}", value=str(value["median"] if isinstance(value, dict) else value))
-    for g in gates:
-        case = ET.SubElement(suite, "testcase", classname=f"{device}.{result['model']}", name=g["name"])
-        if not g["ok"]:
-            failure = ET.SubElement(case, "failure", message=f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}")
-            failure.text = g.get("hint", "")
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+        properties[f"speed.{key}"] = value["median"] if isinstance(value, dict) else value
+    return junit_suite(f"aot.validate.device.{device}", properties,
+                       [(f"{device}.{result['model']}", g) for g in result["gates"]])

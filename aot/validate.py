@@ -184,19 +184,25 @@ def check_gates(gates: Gates, accuracy: dict, speed: dict | None) -> list[dict]:
 
 def junit_xml(result: dict) -> str:
     """JUnit XML for CI systems: one testcase per gate, every figure as a property."""
-    from xml.etree import ElementTree as ET
-
-    gates = result["gates"]
-    suite = ET.Element("testsuite", name="aot.validate", tests=str(len(gates)),
-                       failures=str(sum(not g["ok"] for g in gates)), errors="0")
-    props = ET.SubElement(suite, "properties")
     figures = dict(result["accuracy"])
     for key, value in (result["speed"] or {}).items():
         figures[f"speed.{key}"] = value["median"] if isinstance(value, dict) else value
-    for key, value in figures.items():
+    return junit_suite("aot.validate", figures, [(f"aot.validate.{result['model']}", g) for g in result["gates"]])
+
+
+def junit_suite(name: str, properties: dict, cases: list[tuple[str, dict]]) -> str:
+    """One testsuite: `properties` as name/value pairs, one testcase per (classname, gate), a
+    failure (with the gate's hint) for each gate that did not hold. Shared by `aot validate`,
+    `aot validate --device` and `aot farm collect`."""
+    from xml.etree import ElementTree as ET
+
+    suite = ET.Element("testsuite", name=name, tests=str(len(cases)),
+                       failures=str(sum(not g["ok"] for _, g in cases)), errors="0")
+    props = ET.SubElement(suite, "properties")
+    for key, value in properties.items():
         ET.SubElement(props, "property", name=key, value=str(value))
-    for g in gates:
-        case = ET.SubElement(suite, "testcase", classname=f"aot.validate.{result['model']}", name=g["name"])
+    for classname, g in cases:
+        case = ET.SubElement(suite, "testcase", classname=classname, name=g["name"])
         if not g["ok"]:
             failure = ET.SubElement(case, "failure", message=f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}")
             failure.text = g.get("hint", "")

@@ -82,20 +82,34 @@ class AdbDevice(Device):
             raise DeviceError(f"--device adb:{self.serial}: pulling {remote} failed: {done.stderr.strip()}")
 
     def describe(self) -> dict:
-        props = {}
-        for key in ("ro.product.manufacturer", "ro.product.model", "ro.soc.manufacturer", "ro.soc.model",
-                    "ro.board.platform", "ro.product.cpu.abi", "ro.build.version.release", "ro.build.version.sdk"):
-            props[key] = self.run(f"getprop {key}").stdout.strip()
-        mem = self.run("grep -m1 MemTotal /proc/meminfo").stdout.split()
-        return {
-            "transport": "adb", "name": f"adb:{self.serial}",
-            "model": f"{props['ro.product.manufacturer']} {props['ro.product.model']}".strip(),
-            "soc": f"{props['ro.soc.manufacturer']} {props['ro.soc.model']}".strip() or props["ro.board.platform"],
-            "abi": props["ro.product.cpu.abi"],
-            "android": props["ro.build.version.release"], "sdk": props["ro.build.version.sdk"],
-            "cores": int(self.run("nproc").stdout.strip() or 0),
-            "memory_mib": round(int(mem[1]) / 1024) if len(mem) > 1 and mem[1].isdigit() else None,
-        }
+        cores = self.run("nproc").stdout.strip()
+        return {"transport": "adb", "name": f"adb:{self.serial}",
+                **android_info(parse_getprop(self.run("getprop").stdout), self.run("cat /proc/meminfo").stdout),
+                "cores": int(cores) if cores.isdigit() else None}
+
+
+def parse_getprop(text: str) -> dict[str, str]:
+    """`getprop`'s "[key]: [value]" lines -> dict."""
+    props = {}
+    for line in text.splitlines():
+        if line.startswith("[") and "]: [" in line:
+            key, _, value = line[1:].partition("]: [")
+            props[key] = value.rstrip("]")
+    return props
+
+
+def android_info(props: dict, meminfo: str) -> dict:
+    """The device description from its properties and /proc/meminfo (adb and farm results alike)."""
+    mem = next((ln.split() for ln in meminfo.splitlines() if ln.startswith("MemTotal")), [])
+    return {
+        "model": f"{props.get('ro.product.manufacturer', '')} {props.get('ro.product.model', '')}".strip(),
+        "soc": f"{props.get('ro.soc.manufacturer', '')} {props.get('ro.soc.model', '')}".strip()
+        or props.get("ro.board.platform", ""),
+        "abi": props.get("ro.product.cpu.abi", ""),
+        "android": props.get("ro.build.version.release", ""),
+        "sdk": props.get("ro.build.version.sdk", ""),
+        "memory_mib": round(int(mem[1]) / 1024) if len(mem) > 1 and mem[1].isdigit() else None,
+    }
 
 
 def require_runner(runner: Path | None) -> Path:

@@ -143,30 +143,13 @@ def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_token
     return {"ok": True, "out": str(out), "packages": written}
 
 
-def _getprop(text: str) -> dict:
-    props = {}
-    for line in text.splitlines():
-        if line.startswith("[") and "]: [" in line:
-            key, _, value = line[1:].partition("]: [")
-            props[key] = value.rstrip("]")
-    return props
-
-
 def _device_info(folder: Path) -> dict:
+    from aot.devices.adb import android_info, parse_getprop
+
     read = lambda name: (folder / name).read_text(errors="replace") if (folder / name).is_file() else ""  # noqa: E731
-    props = _getprop(read("getprop.txt"))
-    mem = next((ln.split() for ln in read("meminfo.txt").splitlines() if ln.startswith("MemTotal")), [])
     cores = sum(1 for ln in read("cpuinfo.txt").splitlines() if ln.startswith("processor"))
-    return {
-        "serial": folder.name,
-        "model": f"{props.get('ro.product.manufacturer', '')} {props.get('ro.product.model', '')}".strip(),
-        "soc": f"{props.get('ro.soc.manufacturer', '')} {props.get('ro.soc.model', '')}".strip()
-        or props.get("ro.board.platform", ""),
-        "abi": props.get("ro.product.cpu.abi", ""),
-        "android": props.get("ro.build.version.release", ""),
-        "cores": cores or None,
-        "memory_mib": round(int(mem[1]) / 1024) if len(mem) > 1 and mem[1].isdigit() else None,
-    }
+    return {"serial": folder.name, **android_info(parse_getprop(read("getprop.txt")), read("meminfo.txt")),
+            "cores": cores or None}
 
 
 def _outputs(folder: Path, stem: str) -> tuple[str, str]:
@@ -178,7 +161,7 @@ def _outputs(folder: Path, stem: str) -> tuple[str, str]:
 def collect(artifacts: Path) -> dict:
     from aot.devices.adb import generated_text, parse_observer
     from aot.errors import DeviceError
-    from aot.ondevice import agreement
+    from aot.ondevice import agreement, agreement_gate, speed_gate
     from aot.tokenizer import load_tokenizer
 
     artifacts = Path(artifacts).expanduser()
@@ -204,10 +187,7 @@ def collect(artifacts: Path) -> dict:
             agree, diverge = agreement(expected["host_tokens"][i], tokens)
             rows.append({"prompt": i, "device_tokens": tokens, "host_tokens": expected["host_tokens"][i],
                          "agreement_host": round(agree, 4), "first_divergence_host": diverge, "problem": problem})
-            ok = problem is None and agree >= gates_cfg["min_agreement"]
-            gates.append({"name": f"prompt{i}.agreement_host", "value": round(agree, 4), "op": ">=",
-                          "threshold": gates_cfg["min_agreement"], "ok": ok,
-                          "hint": problem or f"the device's tokens leave the host's at position {diverge}"})
+            gates.append(agreement_gate(rows[-1], gates_cfg["min_agreement"]))
             for r in range(expected["repeats"]):
                 try:
                     stats.append(parse_observer("\n".join(_outputs(folder, f"prompt{i}.run{r}"))))
@@ -220,9 +200,7 @@ def collect(artifacts: Path) -> dict:
                      "prefill_tps": med("prefill_tps"), "decode_tps": med("decode_tps"), "runs": len(stats)}
         for name, key in (("min_prefill_tps", "prefill_tps"), ("min_decode_tps", "decode_tps")):
             if gates_cfg.get(name) is not None:
-                value = speed[key] if speed else 0.0
-                gates.append({"name": name, "value": value, "op": ">=", "threshold": gates_cfg[name],
-                              "ok": value >= gates_cfg[name]})
+                gates.append(speed_gate(name, speed[key] if speed else 0.0, gates_cfg[name]))
         runs.append({"target": expected["target"], "model": expected["model"], "quant": expected["quant"],
                      "device": _device_info(folder), "folder": str(folder), "prompts": rows, "speed": speed,
                      "gates": gates, "ok": all(g["ok"] for g in gates)})
@@ -241,14 +219,7 @@ def table(result: dict) -> str:
 
 
 def junit_xml(result: dict) -> str:
-    from xml.etree import ElementTree as ET
+    from aot.validate import junit_suite
 
-    cases = [(r, g) for r in result["runs"] for g in r["gates"]]
-    suite = ET.Element("testsuite", name="aot.farm", tests=str(len(cases)),
-                       failures=str(sum(not g["ok"] for _, g in cases)), errors="0")
-    for r, g in cases:
-        case = ET.SubElement(suite, "testcase", classname=f"{r['device']['serial']}.{r['target']}", name=g["name"])
-        if not g["ok"]:
-            failure = ET.SubElement(case, "failure", message=f"{g['name']}: {g['value']} not {g['op']} {g['threshold']}")
-            failure.text = g.get("hint", "")
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+    return junit_suite("aot.farm", {}, [(f"{r['device']['serial']}.{r['target']}", g)
+                                        for r in result["runs"] for g in r["gates"]])
