@@ -79,7 +79,7 @@ def build(
     jobs: int = typer.Option(1, "--jobs", help="With --manifest: targets built at once."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="With --manifest: stop at the first failure."),
     rebuild: bool = typer.Option(False, "--rebuild", help="With --manifest: build even when up to date."),
-    model: Optional[str] = typer.Option(None, "--model", help="1b, 3b (or tiny, small). With --checkpoint: a check."),
+    model: Optional[str] = typer.Option(None, "--model", help="1b, 3b, 11b-vision, 90b-vision (or tiny, small). With --checkpoint: a check."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama 3.2 folder."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Untrained weights, for benchmarking only."),
@@ -102,6 +102,9 @@ def build(
     bos_id: Optional[int] = typer.Option(None, "--bos-id", help="Override the tokenizer's BOS id."),
     eos_id: Optional[List[int]] = typer.Option(None, "--eos-id", help="Override EOS ids (repeatable)."),
     full_logits: bool = typer.Option(False, "--full-logits", help="forward returns logits for every position."),
+    vision_quant: Optional[str] = typer.Option(None, "--vision-quant", help="Vision models: the image encoder's scheme: "
+                                               "8da8w, 8da4w, none [8da8w]."),
+    no_preflight: bool = typer.Option(False, "--no-preflight", help="Build even if the memory/disk estimate says it will not fit."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
@@ -119,6 +122,7 @@ def build(
             group_size=group_size, embedding_quant=embedding_quant, embedding_group_size=embedding_group_size,
             output_quant=output_quant, max_seq_len=max_seq_len, max_context_len=max_context_len, bos_id=bos_id,
             eos_ids=eos_id or None, random_weights=random_weights or None, full_logits=full_logits or None,
+            vision_quant=vision_quant, no_preflight=no_preflight or None,
         )
         if manifest is not None:
             if fields or force:
@@ -235,23 +239,38 @@ def run(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (--engine python)."),
-    engine: str = typer.Option("stock", "--engine", help="stock (ExecuTorch's TextLLMRunner) or python."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="stock (ExecuTorch's TextLLMRunner) or python "
+                                         "[stock; vision bundles: python]."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Vision bundles: an image file (PNG, JPEG, ...); "
+                                         "<|image|> in --prompt marks its place [start]."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
     """Generate from a bundle, streaming text; then load time, TTFT, prefill and decode tok/s."""
     with _command(as_json, debug):
         from aot.bundle import open_bundle
+        from aot.errors import ConfigError
         from aot.runner.engines import make_engine
+        from aot.runner.mllama import VisionEngine, is_vision_bundle
 
         b = open_bundle(bundle)
-        runner = make_engine(engine, b)
         on_text = None if as_json else (lambda text: print(text, end="", flush=True))
-        g = runner.generate(prompt, max_new_tokens, temperature, seed, on_text)
+        if is_vision_bundle(b):
+            if engine not in (None, "python"):
+                raise ConfigError(f"--engine {engine}: ExecuTorch's text runners do not run vision bundles "
+                                  "(cross-attention image state); drop --engine to use aot's runner")
+            g = VisionEngine(b).generate(prompt, max_new_tokens, temperature, seed, on_text, image=image)
+        else:
+            if image is not None:
+                raise ConfigError(f"--image: {b.root} is a text bundle ({b.manifest['model']['name']}); images need a "
+                                  "vision bundle (aot build --model 11b-vision or a Mllama --checkpoint)")
+            g = make_engine(engine or "stock", b).generate(prompt, max_new_tokens, temperature, seed, on_text)
         if as_json:
             print(json.dumps({"ok": True, "prompt": prompt, **g.to_dict()}))
             return
         print(flush=True)
+        if g.image_s:
+            err.print(f"[dim]image encoder {g.image_s * 1000:.0f} ms[/dim]")
         err.print(f"[dim]{g.engine}: load {g.load_s * 1000:.0f} ms, first token {g.ttft_s * 1000:.1f} ms, "
                   f"prefill {g.prefill_tps:.1f} tok/s ({g.prompt_tokens} tokens), "
                   f"decode {g.decode_tps:.1f} tok/s ({g.generated_tokens} tokens)[/dim]")
@@ -462,6 +481,10 @@ def _print_bundle(b: dict, verified: bool) -> None:
     recipe = ", ".join(f"{k} {v['bits']}-bit" + (f" g{v['group_size']}" if v["group_size"] else " per-channel")
                        for k, v in (("linear", q["linear"]), ("embedding", q["embedding"]), ("output", q["output"])) if v)
     out.print(f"  quant     {q['scheme']} ({recipe or q['dtype']})   delegate {b['delegate']}")
+    image = b.get("image")
+    if image:
+        out.print(f"  image     up to {image['max_tiles']} tiles of {image['tile_size']} px, {image['image_token']} = "
+                  f"{image['image_token_id']}; vision encoder {b['quant']['vision']['scheme']}")
     rot = b["quant"].get("rotation")
     if rot:
         if rot["source"] == "file":

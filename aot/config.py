@@ -41,6 +41,8 @@ class BuildConfig:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] | None = None
     full_logits: bool = False
+    vision_quant: str | None = None  # vision models: the image encoder's scheme [8da8w]
+    no_preflight: bool = False  # build even when the memory/disk estimate says it will not fit
     force: bool = False
 
     def __post_init__(self):
@@ -54,8 +56,18 @@ class BuildConfig:
 
     def errors(self) -> list[str]:
         errors = []
-        if self.model is not None and self.model not in MODELS:
-            errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join(MODELS)}")
+        from aot.mllama import VISION_MODELS
+
+        if self.model is not None and self.model not in MODELS and self.model not in VISION_MODELS:
+            errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join([*MODELS, *VISION_MODELS])}")
+        if self.vision_quant is not None:
+            from aot.vision_build import VISION_SCHEMES, is_mllama_checkpoint
+
+            if self.vision_quant not in VISION_SCHEMES:
+                errors.append(f"unknown --vision-quant '{self.vision_quant}'; choose one of: {', '.join(VISION_SCHEMES)}")
+            if self.model not in VISION_MODELS and not is_mllama_checkpoint(self.checkpoint):
+                errors.append("--vision-quant applies to vision models (11b-vision, 90b-vision or a Mllama "
+                              "--checkpoint); drop it")
         if self.checkpoint is None and not self.random_weights:
             errors.append(
                 "give --checkpoint DIR (a Meta or Hugging Face Llama 3.2 directory), or --model NAME "
@@ -137,6 +149,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
     "bos_id": ((int,), "build", "bos_id"),
     "eos_ids": ((list,), "build", "eos_ids"),
     "full_logits": ((bool,), "build", "full_logits"),
+    "vision_quant": ((str,), "build", "vision_quant"),
+    "no_preflight": ((bool,), "build", "no_preflight"),
 }
 # Input files: relative to the manifest in manifests, and not part of a build's input key (their
 # contents are, by sha256).

@@ -79,6 +79,20 @@ class DeviceError(AotError):
     kind = "device"
 
 
+class ResourcesShort(AotError):
+    """The machine has too little memory or disk for the build (preflight estimate)."""
+
+    exit_code = 13
+    kind = "resources"
+
+
+class ImageError(AotError):
+    """An image file is missing, empty, corrupt, not an image, or too large to decode."""
+
+    exit_code = 14
+    kind = "image"
+
+
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -95,5 +109,8 @@ EXIT_CODES = {
     TargetsFailed.exit_code: "manifest build or release: a target failed (its own error is in the summary)",
     TargetLocked.exit_code: "a target is being built by another aot process on the same output root",
     DeviceError.exit_code: "device unreachable, refused the login, timed out or lacks the runtime",
+    ResourcesShort.exit_code: "build preflight: not enough memory or disk for this model (--no-preflight overrides)",
+    ImageError.exit_code: "image file missing, empty, corrupt, not an image, or too large",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }
+

@@ -126,6 +126,23 @@ def args_from_hf_config(path: Path) -> MllamaArgs:
 # ---- vision -----------------------------------------------------------------------------------
 
 
+# Query rows per attention call in the vision encoder. One image is 4 tiles x 1608 patch rows
+# (6432 with the padding to a multiple of 8): attention over all of them at once is a
+# [16 heads, 6432, 6432] score tensor (2.6 GB in fp32, several of them live at once in the lowered
+# graph). In chunks of queries each call's scores are [16, chunk, 6432] and the memory planner
+# reuses one chunk's space for the next; the result is the same arithmetic row by row.
+VISION_ATTENTION_CHUNK = 1024
+
+
+def chunked_attention(q, k, v, mask, chunk: int | None = None):
+    chunk = chunk or VISION_ATTENTION_CHUNK
+    n = q.shape[2]
+    if n <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, attn_mask=mask[:, :, s:s + chunk])
+                      for s in range(0, n, chunk)], dim=2)
+
+
 class VisionLayer(nn.Module):
     def __init__(self, a: VisionArgs, gated: bool):
         super().__init__()
@@ -143,7 +160,7 @@ class VisionLayer(nn.Module):
         b, n, _ = x.shape
         h = self.input_layernorm(x)
         q, k, v = (p(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = chunked_attention(q, k, v, mask)
         h = self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
         x = x + (self.gate_attn.tanh() * h if self.gated else h)
         h = self.fc2(F.gelu(self.fc1(self.post_attention_layernorm(x))))
@@ -304,6 +321,16 @@ class CrossLayer(nn.Module):
         return x + self.mlp_gate.tanh() * h
 
 
+def rope_tables(t: TextArgs, max_context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_context_len, head_dim] (half-split layout, llama3 frequency scaling)."""
+    inv = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float64) / t.head_dim))
+    if t.rope_scaling is not None:
+        inv = _llama3_scale(inv, t.rope_scaling)
+    angles = torch.outer(torch.arange(max_context_len, dtype=torch.float64), inv)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
 class TextDecoder(nn.Module):
     def __init__(self, args: MllamaArgs, max_context_len: int):
         super().__init__()
@@ -314,13 +341,9 @@ class TextDecoder(nn.Module):
                                     for i in range(t.n_layers))
         self.norm = RMSNorm(t.dim, t.norm_eps)
         self.lm_head = nn.Linear(t.dim, t.vocab_size, bias=False)
-        inv = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float64) / t.head_dim))
-        if t.rope_scaling is not None:
-            inv = _llama3_scale(inv, t.rope_scaling)
-        angles = torch.outer(torch.arange(max_context_len, dtype=torch.float64), inv)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        cos, sin = rope_tables(t, max_context_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens, input_pos, cross_attention_mask, *image_state):
         a = self.args
@@ -438,37 +461,100 @@ class Mllama(nn.Module):
         self.text = TextDecoder(args, max_context_len)
 
 
-def load_hf(directory: Path, max_context_len: int, dtype=torch.float32) -> Mllama:
-    """An HF Mllama checkpoint (config.json + safetensors, sharded with an index or not)."""
-    from safetensors import safe_open
+class MllamaReader:
+    """The weights of an HF Mllama checkpoint (config.json + safetensors, sharded with an index or
+    not), read tensor by tensor so a model can be filled one part at a time."""
+
+    def __init__(self, directory: Path, args: MllamaArgs, stack):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory}: no *.safetensors files")
+        wanted = {theirs: ours for ours, theirs in _hf_names(args).items()}
+        self.where: dict[str, tuple] = {}  # our name -> (open file, saved name, path)
+        extra = []
+        for f in files:
+            try:
+                st = stack.enter_context(safe_open(str(f), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e}); re-download it") from None
+            for name in st.keys():
+                ours = wanted.get(_canonical(name))
+                if ours is None:
+                    extra.append(name)
+                else:
+                    self.where[ours] = (st, name, f)
+        missing = sorted(set(wanted.values()) - set(self.where))
+        if missing or extra:
+            raise CheckpointError(f"{directory}: weights do not fit config.json: {len(missing)} missing "
+                                  f"({', '.join(missing[:2])}), {len(extra)} unexpected ({', '.join(extra[:2])})")
+
+    def fill(self, model: nn.Module, names) -> None:
+        """Copy the named parameters' weights in (as float32: quantization runs in fp32)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for ours in names:
+                st, name, f = self.where[ours]
+                tensor = st.get_tensor(name)
+                if tuple(tensor.shape) != tuple(params[ours].shape):
+                    raise CheckpointError(f"{f}: {name} has shape {list(tensor.shape)}, expected {list(params[ours].shape)}")
+                params[ours].copy_(tensor)
+                del tensor
+
+
+def load_hf(directory: Path, max_context_len: int) -> Mllama:
+    """An HF Mllama checkpoint, whole, in float32."""
+    from contextlib import ExitStack
 
     directory = Path(directory)
     args = args_from_hf_config(directory / "config.json")
     model = Mllama(args, max_context_len)
-    wanted = {theirs: ours for ours, theirs in _hf_names(args).items()}
-    params = dict(model.named_parameters())
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors files")
-    seen, extra = set(), []
-    with torch.no_grad():
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    ours = wanted.get(_canonical(name))
-                    if ours is None:
-                        extra.append(name)
-                        continue
-                    tensor = st.get_tensor(name)
-                    if tuple(tensor.shape) != tuple(params[ours].shape):
-                        raise CheckpointError(f"{f}: {name} has shape {list(tensor.shape)}, expected {list(params[ours].shape)}")
-                    params[ours].copy_(tensor.to(dtype))
-                    seen.add(ours)
-    missing = sorted(set(params) - seen)
-    if missing or extra:
-        raise CheckpointError(f"{directory}: weights do not fit config.json: {len(missing)} missing "
-                              f"({', '.join(missing[:2])}), {len(extra)} unexpected ({', '.join(extra[:2])})")
+    with ExitStack() as stack:
+        reader = MllamaReader(directory, args, stack)
+        reader.fill(model, [n for n, _ in model.named_parameters()])
     return model.eval().requires_grad_(False)
+
+
+def parts(args: MllamaArgs) -> list[tuple[str, ...]]:
+    """The model's submodules in the order a streamed build materialises them, a group at a time:
+    each group's weights are read and quantized before the next is allocated. "vision" stands for
+    the encoder's own parameters (class and position embeddings, gates), not its submodules."""
+    top = ("vision", *("vision." + n for n in ("patch_embedding", "layernorm_pre", "layernorm_post", "projector",
+                                                "tile_pos_embedding", "pre_tile_embedding", "post_tile_embedding",
+                                                "cross_k", "cross_v", "cross_k_norm")))
+    groups = [top]
+    groups += [(f"vision.layers.{i}",) for i in range(args.vision.n_layers)]
+    groups += [(f"vision.global_layers.{i}",) for i in range(args.vision.n_global_layers)]
+    groups += [("text.embed_tokens", "text.norm"), ("text.lm_head",)]
+    groups += [(f"text.layers.{i}",) for i in range(args.text.n_layers)]
+    return groups
+
+
+def in_group(param: str, group: tuple[str, ...]) -> bool:
+    return any(param.count(".") == 1 and param.startswith("vision.") if g == "vision" else param.startswith(g + ".")
+               for g in group)
+
+
+def params_by_kind(args: MllamaArgs) -> dict[str, int]:
+    """Parameter counts by how a build stores them (aot.preflight): the text decoder's linears,
+    embedding and output projection; the vision encoder's linears and tile embeddings; the rest."""
+    with torch.device("meta"):
+        model = Mllama(args, 8)
+    kinds: dict[str, int] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            half = "vision." if name.startswith("vision") else ""
+            if isinstance(module, nn.Linear):
+                kind = "output" if name == "text.lm_head" else "linear"
+            elif isinstance(module, nn.Embedding):
+                kind = "embedding"
+            else:
+                kind = "other"
+            kind = kind if p.dim() > 1 else "other"  # biases stay in float
+            kinds[half + kind] = kinds.get(half + kind, 0) + p.numel()
+    return kinds
 
 
 def num_params(args: MllamaArgs) -> int:
@@ -511,21 +597,3 @@ def export_methods(model: Mllama, max_seq_len: int) -> dict:
     programs["text_decoder"] = torch.export.export(
         model.text, text_in, strict=False, dynamic_shapes=(*dims, tuple(None for _ in text_in[3:])))
     return programs
-
-
-def to_program(programs: dict, constant_methods: dict):
-    """Lower both methods to XNNPACK and plan one program: the KV cache buffers are planned apart
-    from the arenas the methods share (`share_mutable_buffers`), so running `vision_encoder` between
-    decoder calls cannot overwrite it; inputs are not copied into planned memory."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes import MemoryPlanningPass
-
-    edge = to_edge_transform_and_lower(
-        programs, partitioner={name: [XnnpackPartitioner()] for name in programs},
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-        constant_methods=constant_methods)
-    return edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
-        emit_mutable_buffer_names=True))

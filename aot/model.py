@@ -67,6 +67,14 @@ class ModelArgs:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
 
+    def params_by_kind(self) -> dict[str, int]:
+        """Parameter counts by how a build stores them (aot.preflight); a tied output projection
+        counts apart: quantized, it is stored apart from the embedding."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_hidden
+        return {"embedding": self.vocab_size * self.dim, "output": self.vocab_size * self.dim,
+                "linear": self.n_layers * (attn + mlp), "other": (2 * self.n_layers + 1) * self.dim}
+
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.ffn_hidden

@@ -25,6 +25,7 @@ from aot.config import PATH_FIELDS, BuildConfig
 from aot.errors import BuildError, CheckpointError, ConfigError
 from aot.methods import export_methods, text_methods
 from aot.model import MODELS, ModelArgs, Transformer, random_init_
+from aot.preflight import check
 from aot.progress import Stages, return_freed_memory
 from aot.quant import QuantPlan, apply_plan
 from aot.quant.rotation import (
@@ -53,6 +54,12 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
     return_freed_memory()
     plan = cfg.quant.plan()
     try:
+        from aot.vision_build import is_vision_build
+
+        if is_vision_build(cfg):
+            from aot import vision_build
+
+            return vision_build.build(cfg, stages, backend)
         return _build(cfg, stages, backend, plan)
     finally:
         backend.forget_held()
@@ -65,6 +72,8 @@ def _build(cfg: BuildConfig, stages: Stages, backend: Backend, plan: QuantPlan) 
         prequantized = src.checkpoint.prequantized if src.checkpoint else None
         if prequantized is not None:
             plan = prequantized.plan()
+        preflight = check(f"--model {src.model_name}" if src.checkpoint is None else f"--checkpoint {src.checkpoint.path}",
+                          src.args.params_by_kind(), plan, out_dir=staging.dir, enabled=not cfg.no_preflight)
         with stages.stage("hash inputs"):
             inputs = hash_inputs(src, cfg)
             key = input_key(cfg, inputs)
@@ -112,6 +121,7 @@ def _build(cfg: BuildConfig, stages: Stages, backend: Backend, plan: QuantPlan) 
             shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
         manifest = bundle_manifest(cfg, src, plan, rotation, inputs, key, signatures, metadata, delegation, stages)
         manifest["target"] = {**backend.bundle_fields(cfg), "calibration": calibration}
+        manifest["build"]["preflight"] = preflight
         manifest = staging.commit(manifest)
     return {**manifest, "path": str(staging.out)}
 
@@ -212,7 +222,7 @@ def hash_inputs(src: Source, cfg: BuildConfig) -> dict:
 def input_key(cfg: BuildConfig, inputs: dict) -> str:
     """Content address of a build: its configuration, the bytes of every input file and the
     toolchain. Paths do not count (a moved checkpoint is the same input); contents do."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", *PATH_FIELDS)}
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "no_preflight", *PATH_FIELDS)}
     toolchain = {k: v for k, v in versions().items() if k != "python"}
     files = sorted((Path(name).name, entry["sha256"]) for name, entry in inputs.items())
     payload = json.dumps({"config": config, "inputs": files, "toolchain": toolchain}, sort_keys=True)
@@ -398,38 +408,15 @@ def versions() -> dict:
     return out
 
 
-def bundle_manifest(cfg, src: Source, plan: QuantPlan, rotation: dict | None, inputs, key, signatures, metadata, delegation, stages) -> dict:
-    ckpt = src.checkpoint
+def bundle_manifest_common(cfg, inputs, key, metadata, delegation, stages) -> dict:
+    """bundle.json fields every model family writes; the family adds model, checkpoint,
+    tokenizer, quant, export and its special ids."""
     return {
         "format": BUNDLE_FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "name": src.model_name,
-            "family": "llama3.2",
-            "args": src.args.to_dict(),
-            "num_params": src.args.num_params(),
-            "random_weights": cfg.random_weights,
-            "seed": cfg.seed if cfg.random_weights else None,
-        },
-        "checkpoint": None if ckpt is None else {"path": str(ckpt.path.absolute()), "layout": ckpt.layout},
         "inputs": inputs,
-        "tokenizer": None if src.tokenizer is None else {
-            "file": src.tokenizer.path.name,
-            "kind": src.tokenizer.kind,
-            "vocab_size": src.tokenizer.vocab_size,
-        },
-        "quant": {**cfg.quant.to_dict(), "plan": plan.to_dict(), "rotation": rotation,
-                  "prequantized": None if ckpt is None or ckpt.prequantized is None else ckpt.prequantized.to_dict()},
         "delegate": cfg.delegate,
-        "export": {
-            "methods": signatures,
-            "max_seq_len": cfg.max_seq_len,
-            "max_context_len": cfg.max_context_len,
-            "full_logits": cfg.full_logits,
-        },
-        "bos_id": src.bos_id,
-        "eos_ids": list(src.eos_ids),
         "metadata": metadata,
         "delegation": delegation,
         "versions": versions(),
@@ -440,4 +427,35 @@ def bundle_manifest(cfg, src: Source, plan: QuantPlan, rotation: dict | None, in
             "input_key": key,
             "config": cfg.to_dict(),
         },
+    }
+
+
+def bundle_manifest(cfg, src: Source, plan: QuantPlan, rotation: dict | None, inputs, key, signatures, metadata, delegation, stages) -> dict:
+    ckpt = src.checkpoint
+    return {
+        **bundle_manifest_common(cfg, inputs, key, metadata, delegation, stages),
+        "model": {
+            "name": src.model_name,
+            "family": "llama3.2",
+            "args": src.args.to_dict(),
+            "num_params": src.args.num_params(),
+            "random_weights": cfg.random_weights,
+            "seed": cfg.seed if cfg.random_weights else None,
+        },
+        "checkpoint": None if ckpt is None else {"path": str(ckpt.path.absolute()), "layout": ckpt.layout},
+        "tokenizer": None if src.tokenizer is None else {
+            "file": src.tokenizer.path.name,
+            "kind": src.tokenizer.kind,
+            "vocab_size": src.tokenizer.vocab_size,
+        },
+        "quant": {**cfg.quant.to_dict(), "plan": plan.to_dict(), "rotation": rotation,
+                  "prequantized": None if ckpt is None or ckpt.prequantized is None else ckpt.prequantized.to_dict()},
+        "export": {
+            "methods": signatures,
+            "max_seq_len": cfg.max_seq_len,
+            "max_context_len": cfg.max_context_len,
+            "full_logits": cfg.full_logits,
+        },
+        "bos_id": src.bos_id,
+        "eos_ids": list(src.eos_ids),
     }

@@ -35,6 +35,7 @@ class Generation:
     ttft_s: float  # prompt in -> first generated token out (tokenize + prefill + sample)
     prefill_tps: float
     decode_tps: float  # tokens after the first, per second
+    image_s: float = 0.0  # vision bundles: the image encoder's time for this turn's image
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}

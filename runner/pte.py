@@ -23,6 +23,12 @@ METADATA_METHODS = (
     "enable_dynamic_shape",
     "get_bos_id",
     "get_eos_ids",
+    # vision bundles (Llama 3.2 Vision)
+    "get_image_token_id",
+    "get_max_num_tiles",
+    "get_tile_size",
+    "get_num_patches",
+    "get_n_cross_layers",
 )
 
 

@@ -134,3 +134,57 @@ def to_published_config(path: Path) -> None:
         cfg["rope_scaling"] = rope
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
+
+
+# ---- Llama 3.2 Vision (Mllama) ----------------------------------------------------------------
+
+MLLAMA_VOCAB = 300  # text vocab; <|image|> is token 300 (an embedding row, no lm_head row)
+MLLAMA_TILE = 28
+
+
+def mllama_config(rope: str = "rope_parameters"):
+    """A tiny MllamaConfig: 4 text layers (cross-attention at 1 and 3), a 4+2-layer ViT on 28-px
+    tiles of 2x2 patches, up to 4 tiles."""
+    import transformers
+
+    text = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=MLLAMA_VOCAB, cross_attention_layers=[1, 3], rms_norm_eps=1e-5,
+                max_position_embeddings=256, pad_token_id=0, bos_token_id=BOS, eos_token_id=EOS)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    if rope == "rope_parameters":
+        text["rope_parameters"] = {**scaling, "rope_theta": 500000.0}
+    else:
+        text["rope_scaling"], text["rope_theta"] = scaling, 500000.0
+    vision = dict(hidden_size=32, num_hidden_layers=4, num_global_layers=2, attention_heads=4, intermediate_size=64,
+                  image_size=MLLAMA_TILE, patch_size=14, max_num_tiles=4, intermediate_layers_indices=[1, 3],
+                  vision_output_dim=96, norm_eps=1e-5)
+    return transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=MLLAMA_VOCAB)
+
+
+def write_mllama_checkpoint(out: Path, rope: str = "rope_parameters", tokenizer: bool = True):
+    """save_pretrained of a random MllamaForConditionalGeneration with its tanh gates opened
+    (transformers initialises them to 0, which would make the image irrelevant), plus a tokenizer
+    with <|image|> and a preprocessor_config.json; returns (path, model)."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    hf = transformers.MllamaForConditionalGeneration(mllama_config(rope)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "gate" in name:
+                p.fill_(0.7)
+    hf.save_pretrained(out)
+    if tokenizer:
+        write_tokenizer(out / "tokenizer.json", vocab_size=MLLAMA_VOCAB)
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        tok.add_special_tokens(["<|image|>"])
+        assert tok.token_to_id("<|image|>") == MLLAMA_VOCAB
+        tok.save(str(out / "tokenizer.json"))
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_normalize": True,
+            "do_pad": True, "do_rescale": True, "do_resize": True, "resample": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "max_image_tiles": 4, "rescale_factor": 1 / 255, "size": {"height": MLLAMA_TILE, "width": MLLAMA_TILE}}))
+    return out, hf

@@ -11,38 +11,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from checkpoints import MLLAMA_VOCAB, write_mllama_checkpoint  # noqa: E402
+
 from aot.mllama import VISION_MODELS, args_from_hf_config, load_hf, zero_image_state  # noqa: E402
 
-IMAGE_TOKEN = 300
-
-
-def _config(rope: str):
-    text = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=IMAGE_TOKEN, cross_attention_layers=[1, 3], rms_norm_eps=1e-5,
-                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-    if rope == "rope_parameters":
-        text["rope_parameters"] = {**scaling, "rope_theta": 500000.0}
-    else:
-        text["rope_scaling"], text["rope_theta"] = scaling, 500000.0
-    vision = dict(hidden_size=32, num_hidden_layers=4, num_global_layers=2, attention_heads=4, intermediate_size=64,
-                  image_size=28, patch_size=14, max_num_tiles=4, intermediate_layers_indices=[1, 3],
-                  vision_output_dim=96, norm_eps=1e-5)
-    return transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN)
+IMAGE_TOKEN = MLLAMA_VOCAB
 
 
 def _checkpoint(rope: str, out):
-    torch.manual_seed(0)
-    hf = transformers.MllamaForConditionalGeneration(_config(rope)).eval()
-    with torch.no_grad():  # gates start at zero in HF's init: open them so every path counts
-        for name, p in hf.named_parameters():
-            if "gate" in name:
-                p.fill_(0.7)
-    hf.save_pretrained(out)
-    saved = json.loads((out / "config.json").read_text())["text_config"]
+    path, hf = write_mllama_checkpoint(out, rope, tokenizer=False)
+    saved = json.loads((path / "config.json").read_text())["text_config"]
     assert ("rope_parameters" in saved) or ("rope_scaling" in saved)
-    return out, hf
+    return path, hf
 
 
 @pytest.fixture(scope="module", params=["rope_parameters", "rope_scaling"])
@@ -133,38 +113,3 @@ def test_legacy_saved_prefixes_load(checkpoint, tmp_path):
     a, b = load_hf(path, 16), load_hf(tmp_path, 16)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
-
-
-def test_two_method_program_runs_in_executorch(tmp_path):
-    """vision_encoder and text_decoder lowered to XNNPACK in one .pte; ExecuTorch's runtime gives
-    the eager model's image state and logits, and running the vision method between decoder
-    calls leaves the KV cache alone (the methods share planned memory; the cache is planned apart)."""
-    from executorch.runtime import Runtime
-
-    from aot.mllama import export_methods, metadata, to_program
-
-    path, _ = _checkpoint("rope_parameters", tmp_path / "ckpt")  # one layout: lowering is the slow part
-    model = load_hf(path, max_context_len=32)
-    program = to_program(export_methods(model, max_seq_len=16), metadata(model.args, 16, 32, 1, [2]))
-    pte = tmp_path / "model.pte"
-    with open(pte, "wb") as f:
-        program.write_to_file(f)
-    loaded = Runtime.get().load_program(str(pte))
-    assert {"vision_encoder", "text_decoder", "get_image_token_id", "get_n_cross_layers"} <= set(loaded.method_names)
-    assert list(loaded.load_method("get_image_token_id").execute([])) == [IMAGE_TOKEN]
-    vision, text = loaded.load_method("vision_encoder"), loaded.load_method("text_decoder")
-    pixel_values, ar_ids, ar_mask = _image_inputs()
-    tokens = [1, 7, IMAGE_TOKEN, 9, 11, 13, 2, 17]
-    mask = _cross_mask(tokens, tiles=3)[:, :, 0].float()
-    with torch.no_grad():
-        state = model.vision(pixel_values, ar_ids, ar_mask)
-        model.text.reset_cache()
-        want_first = model.text(torch.tensor([tokens[:-1]]), torch.arange(7), mask[:, :-1], *state)
-        want_last = model.text(torch.tensor([tokens[-1:]]), torch.tensor([7]), mask[:, -1:], *state)
-    got_state = vision.execute([pixel_values, ar_ids, ar_mask])
-    assert max((a - b).abs().max().item() for a, b in zip(got_state, state)) < 5e-3
-    got_first = text.execute([torch.tensor([tokens[:-1]]), torch.arange(7), mask[:, :-1], *got_state])[0]
-    vision.execute([torch.randn_like(pixel_values), ar_ids, ar_mask])  # between decoder calls
-    got_last = text.execute([torch.tensor([tokens[-1:]]), torch.tensor([7]), mask[:, -1:], *got_state])[0]
-    assert torch.allclose(got_first, want_first, atol=1e-3), (got_first - want_first).abs().max()
-    assert torch.allclose(got_last, want_last, atol=1e-3), (got_last - want_last).abs().max()
