@@ -127,20 +127,32 @@ def args_from_hf_config(path: Path) -> MllamaArgs:
 
 
 # Query rows per attention call in the vision encoder. One image is 4 tiles x 1608 patch rows
-# (6432 with the padding to a multiple of 8): attention over all of them at once is a
-# [16 heads, 6432, 6432] score tensor (2.6 GB in fp32, several of them live at once in the lowered
-# graph). In chunks of queries each call's scores are [16, chunk, 6432] and the memory planner
-# reuses one chunk's space for the next; the result is the same arithmetic row by row.
+# (1601 padded to a multiple of 8): scores over all 6432 rows at once are [16 heads, 6432, 6432],
+# 2.6 GB in fp32 with several such tensors live at once. In chunks of queries each call's scores
+# are [16, chunk, 6432] and one chunk's memory is reused by the next; the arithmetic per row is the
+# same. The attention is written out (matmul, scale, additive mask, softmax, matmul) rather than
+# F.scaled_dot_product_attention, whose decomposition with a mask adds "safe softmax" ops (any,
+# logical_not, where over the whole score tensor) that XNNPACK does not take: they ran on the
+# portable CPU kernels and held extra score-sized tensors (bench/vision_encoder.py).
 VISION_ATTENTION_CHUNK = 1024
 
 
 def chunked_attention(q, k, v, mask, chunk: int | None = None):
+    """softmax(q k^T / sqrt(d) + mask) v, `chunk` query rows at a time; mask [1, 1, n, m] is
+    additive and finite. Batched 3-D matmuls (batch x heads folded): a 4-D matmul exports as
+    expand + bmm, and ExecuTorch runs each expand as a full copy of the score tensor."""
     chunk = chunk or VISION_ATTENTION_CHUNK
-    n = q.shape[2]
-    if n <= chunk:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, attn_mask=mask[:, :, s:s + chunk])
-                      for s in range(0, n, chunk)], dim=2)
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    scale = d ** -0.5
+    q3, kt, v3 = q.reshape(b * h, n, d), k.reshape(b * h, m, d).transpose(1, 2), v.reshape(b * h, m, d)
+    mask3 = mask.reshape(1, n, m)
+
+    def attend(s: int, e: int):
+        return torch.bmm(torch.softmax(torch.bmm(q3[:, s:e], kt) * scale + mask3[:, s:e], dim=-1), v3)
+
+    out = attend(0, n) if n <= chunk else torch.cat([attend(s, min(s + chunk, n)) for s in range(0, n, chunk)], dim=1)
+    return out.reshape(b, h, n, d)
 
 
 class VisionLayer(nn.Module):

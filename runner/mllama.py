@@ -71,8 +71,11 @@ class VisionEngine:
             self.state_shapes = [tuple(text_meta.input_tensor_meta(i).sizes()) for i in range(3, text_meta.num_inputs())]
         self.load_s = time.perf_counter() - start
         self.spec = image_spec(bundle.manifest)
-        self.tokenizer, _ = load_tokenizer(bundle.tokenizer)
-        self.token_bytes = TokenBytes(bundle.tokenizer)
+        self.tokenizer = self.token_bytes = None  # a --random-weights bundle may have none: ids only
+        if bundle.manifest.get("tokenizer"):
+            self.tokenizer, _ = load_tokenizer(bundle.tokenizer)
+            self.token_bytes = TokenBytes(bundle.tokenizer)
+        self.bundle = bundle
         self.bos, self.eos = self.meta["get_bos_id"], set(self.meta["get_eos_ids"])
         self.image_token = self.meta["get_image_token_id"]
         self.max_tiles = self.meta["get_max_num_tiles"]
@@ -83,6 +86,8 @@ class VisionEngine:
     # -- pieces (aot validate uses them for teacher-forced scoring) --
 
     def encode(self, prompt: str, with_image: bool) -> list[int]:
+        if self.tokenizer is None:
+            _ = self.bundle.tokenizer  # raises: no tokenizer, rebuild with --tokenizer
         ids = [self.bos] + list(self.tokenizer.encode(prompt, 0, 0))
         if with_image and self.image_token not in ids:
             ids.insert(1, self.image_token)
