@@ -338,6 +338,8 @@ def validate(
     min_prefill_tps: Optional[float] = typer.Option(None, "--min-prefill-tps", help="Gate: median prefill tok/s."),
     min_decode_tps: Optional[float] = typer.Option(None, "--min-decode-tps", help="Gate: median decode tok/s."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per gate)."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="Vision bundles: score with these images "
+                                               "(repeatable) [4 generated test images, 1-4 tiles]."),
     device: str = typer.Option("host", "--device", help="host, ssh://[user@]host[:port] or adb[:SERIAL]."),
     device_runner: Optional[Path] = typer.Option(None, "--device-runner", help="adb: ExecuTorch's llama_main for arm64-v8a."),
     device_python: str = typer.Option("python3", "--device-python", help="ssh: the device's Python with ExecuTorch."),
@@ -390,7 +392,7 @@ def validate(
         cfg = ValidateConfig(gates=gates, skip_speed=skip_speed, **_given(
             reference=reference, text=text, max_tokens=max_tokens, prompt_tokens=prompt_tokens,
             decode_tokens=decode_tokens, repeats=repeats))
-        result = run_validate(open_bundle(bundle), cfg, Stages(quiet=as_json))
+        result = run_validate(open_bundle(bundle), cfg, Stages(quiet=as_json), images=image or None)
         if junit is not None:
             _write_atomically(junit, junit_xml(result))
         if as_json:
@@ -513,6 +515,14 @@ def _print_validation(r: dict) -> None:
               + ("" if ref["is_build_input"] else "  [yellow](not the build's input files)[/yellow]"))
     out.print(f"  text       {r['text']['file']} ({r['text']['tokens']} tokens, {a['positions']} predictions)")
     _print_accuracy(a, "bundle")
+    effect = r.get("image_effect")
+    if effect:
+        out.print(f"  image      without it the reference moves by mean KL {effect['kl_mean']:.5f}, top-1 "
+                  f"{effect['top1_agreement']:.2%}; encoder {s['image_encoder_s']['median'] * 1000:.0f} ms per image")
+        for i in r["images"]:
+            out.print(f"    {i['image']:<20} {i['tiles']} tiles  KL {i['kl_mean']:.5f}  top-1 {i['top1_agreement']:.2%}  "
+                      f"image effect KL {i['image_effect_kl']:.5f}")
+        s = None
     if s:
         out.print(f"  speed      load {s['load_s'] * 1000:.0f} ms; prefill {s['prefill_tps']['median']:.1f} tok/s "
                   f"({s['prompt_tokens']} tokens), decode {s['decode_tps']['median']:.1f} tok/s "

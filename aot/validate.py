@@ -55,7 +55,17 @@ class ValidateConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(self, name)}")
 
 
-def validate(bundle: Bundle, cfg: ValidateConfig, stages) -> dict:
+def validate(bundle: Bundle, cfg: ValidateConfig, stages, images: list[Path] | None = None) -> dict:
+    if bundle.manifest.get("image") is not None:
+        from aot.validate_vision import validate_vision
+
+        gated = [k for k in ("min_prefill_tps", "min_decode_tps") if k in cfg.gates.given()]
+        if gated:
+            raise ConfigError(f"--{gated[0].replace('_', '-')}: vision bundles report the image encoder's time; "
+                              "measure token speed with `aot run --image ... --json`")
+        return validate_vision(bundle, cfg, stages, images)
+    if images:
+        raise ConfigError(f"--image: {bundle.root} is a text bundle; images need a vision bundle")
     source = text_file(cfg.text)
     from aot.runner.engines import PythonEngine
 
@@ -138,7 +148,12 @@ def reference_logits(bundle: Bundle, reference: Path | None, ids: list[int]) -> 
 
 def compare(ref: torch.Tensor, got: torch.Tensor, ids: torch.Tensor) -> dict:
     """Next-token metrics over positions 0..n-2 (each predicting the following token)."""
-    ref, got, target = ref[:-1].float(), got[:-1].float(), ids[1:]
+    return compare_rows(ref[:-1], got[:-1], ids[1:])
+
+
+def compare_rows(ref: torch.Tensor, got: torch.Tensor, target: torch.Tensor) -> dict:
+    """The metrics over logit rows [n, vocab], row i predicting target[i]."""
+    ref, got = ref.float(), got.float()
     ref_logp, got_logp = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
     nll_ref = -ref_logp.gather(1, target[:, None]).mean().item()
     nll_got = -got_logp.gather(1, target[:, None]).mean().item()

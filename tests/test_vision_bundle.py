@@ -232,3 +232,30 @@ def test_preflight_stops_builds_the_machine_cannot_hold(tmp_path, monkeypatch):
     assert 6.0 * preflight.GIB < est["pte_bytes"] < 7.0 * preflight.GIB
     r = run_cli("build", "--model", "tiny", "--random-weights", "--vision-quant", "8da4w", "--out", tmp_path / "t")
     assert r.exit_code == 3 and "--vision-quant applies to vision models" in r.stderr
+
+
+def test_validate_reports_accuracy_and_the_image_effect(int4_bundle):
+    """`aot validate` on a vision bundle: generated images of 1-4 tiles, the int4 bundle close to
+    the fp32 reference, and much closer than the reference is to itself without the image."""
+    r = run_cli("validate", int4_bundle["path"], "--json", "--max-kl", "0.01")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    result = json.loads(r.stdout)
+    assert [i["tiles"] for i in result["images"]] == [1, 2, 3, 4]
+    assert result["reference"]["is_build_input"] and result["ok"]
+    assert {g["name"] for g in result["gates"]} == {"reference_matches", "image_matters", "max_kl"}
+    assert 0 < result["accuracy"]["kl_mean"] < 0.5 * result["image_effect"]["kl_mean"]
+    assert result["speed"]["image_encoder_s"]["median"] > 0
+
+
+def test_validate_fails_a_bundle_that_ignores_the_image(fp32_bundle, monkeypatch):
+    """A runner that drops the image (zero state) is scored as what it is: the image_matters gate
+    fails with exit 9 even though its text path is exact."""
+    from aot.runner import mllama as runner
+
+    real = runner.VisionEngine.image_state
+    monkeypatch.setattr(runner.VisionEngine, "image_state", lambda self, image: real(self, None))
+    r = run_cli("validate", fp32_bundle["path"], "--json")
+    assert r.exit_code == 9, r.stderr
+    result = json.loads(r.stdout)
+    failed = [g["name"] for g in result["gates"] if not g["ok"]]
+    assert failed == ["image_matters"], result["gates"]
