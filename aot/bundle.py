@@ -147,6 +147,14 @@ class Bundle:
                 f"the device with ExecuTorch's {d} runtime, not on this host; `aot simulate --delegate {d}` "
                 "measures its recipe's accuracy here")
 
+    def require_text_runner(self, what: str) -> None:
+        """Vision bundles (vision_encoder + text_decoder) do not run on ExecuTorch's text runners."""
+        if self.manifest.get("image") is not None:
+            from aot.errors import ConfigError
+
+            raise ConfigError(f"{self.root} is a vision bundle: {what} runs text bundles; use `aot run --image` "
+                              "and `aot validate` (host) for it")
+
     @property
     def tokenizer(self) -> Path:
         tok = self.manifest.get("tokenizer")

@@ -117,6 +117,7 @@ def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference:
     from aot.tokenizer import load_tokenizer
 
     bundle.require_host_runnable()
+    bundle.require_text_runner("--device validation (llama_main, device_runner.py)")
     if cfg.device.startswith("adb"):
         from aot.devices.adb import require_runner
 

@@ -55,6 +55,7 @@ class StockEngine:
 
     def __init__(self, bundle: Bundle):
         bundle.require_host_runnable()
+        bundle.require_text_runner("ExecuTorch's TextLLMRunner")
         load_kernels()  # llama::custom_sdpa/update_cache and quantized embeddings for the runner
         with native_output_silenced():
             from executorch.extension.llm.runner import TextLLMRunner
@@ -102,6 +103,7 @@ class PythonEngine:
         from aot.tokenizer import load_tokenizer
 
         bundle.require_host_runnable()
+        bundle.require_text_runner("the forward-method engine")
         load_kernels()  # imports, not counted as load time
         start = time.perf_counter()
         with native_output_silenced():

@@ -259,3 +259,11 @@ def test_validate_fails_a_bundle_that_ignores_the_image(fp32_bundle, monkeypatch
     result = json.loads(r.stdout)
     failed = [g["name"] for g in result["gates"] if not g["ok"]]
     assert failed == ["image_matters"], result["gates"]
+
+
+def test_text_runners_refuse_vision_bundles(fp32_bundle):
+    for args in (("bench", fp32_bundle["path"]), ("validate", fp32_bundle["path"], "--device", "ssh://nowhere.invalid"),
+                 ("run", fp32_bundle["path"], "--prompt", "hi", "--engine", "stock")):
+        r = run_cli(*args)
+        assert r.exit_code == 3 and "vision bundle" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
