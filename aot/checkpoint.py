@@ -202,6 +202,10 @@ def _iter_hf(ckpt: Checkpoint, stack: ExitStack) -> Iterator[tuple[str, Callable
 def _open_meta(path: Path) -> Checkpoint:
     params_file = path / "params.json"
     p = _read_json(params_file)
+    if any(k.startswith("vision_") for k in p):
+        raise CheckpointError(
+            f"--checkpoint {path}: Meta's original Llama 3.2 Vision layout is not read; convert it to the "
+            "Hugging Face layout with transformers' convert_mllama_weights_to_hf.py (or download the HF release)")
     dim = _require(p, "dim", params_file)
     if "ffn_dim" in p:
         hidden = int(p["ffn_dim"])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aot.errors import CheckpointError
-from aot.model import RopeScaling, _llama3_scale
+from aot.model import RopeScaling, _llama3_scale, _load_custom_ops
 
 
 @dataclass(frozen=True)
@@ -294,21 +294,40 @@ class SelfLayer(nn.Module):
         self.mlp = Mlp(t.dim, t.ffn_hidden)
         self.input_layernorm = RMSNorm(t.dim, t.norm_eps)
         self.post_attention_layernorm = RMSNorm(t.dim, t.norm_eps)
-        self.register_buffer("k_cache", torch.zeros(1, t.n_kv_heads, context, hd), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(1, t.n_kv_heads, context, hd), persistent=False)
+        # [1, context, kv_heads, head_dim]: the layout ExecuTorch's llama::update_cache and
+        # llama::custom_sdpa take, as in the text models (written in place, attended up to start_pos).
+        self.register_buffer("k_cache", torch.zeros(1, context, t.n_kv_heads, hd), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, context, t.n_kv_heads, hd), persistent=False)
 
-    def forward(self, x, input_pos, cos, sin, mask):
+    def forward(self, x, start_pos, cos, sin):
         t, (b, s, _) = self.t, x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).view(b, s, t.n_heads, t.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, s, t.n_kv_heads, t.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, s, t.n_kv_heads, t.head_dim).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        attn = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, s, -1))
+        v = self.v_proj(h).view(b, s, t.n_kv_heads, t.head_dim)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin  # rope in [b, heads, s, d]
+        q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
+        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+        attn = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+        x = x + self.o_proj(attn.reshape(b, s, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def grouped_attention(q, k, v, mask):
+    """Attention of q [1, H, S, D] over k, v [1, KV, T, D] (H = KV x rep) with an additive mask
+    [1, 1, S, T], as batched 3-D matmuls per KV head: the rep query heads sharing a KV head are
+    stacked as rows, so the image K/V are never repeated per query head (SDPA's enable_gqa exports
+    as copies of them, 420 MB per token per cross layer at 11B) and every op is XNNPACK's."""
+    _, h, s, d = q.shape
+    kv, t = k.shape[1], k.shape[2]
+    rep = h // kv
+    scores = torch.bmm(q.reshape(kv, rep * s, d), k.reshape(kv, t, d).transpose(1, 2)) * d ** -0.5
+    probs = torch.softmax(scores.view(kv, rep, s, t) + mask[0], dim=-1)
+    out = torch.bmm(probs.reshape(kv, rep * s, t), v.reshape(kv, t, d))
+    # (one view straight to [1, h, s, d] merges and splits dims at once, which export cannot prove
+    # for a symbolic s; split, then merge)
+    return out.view(kv, rep, s, d).view(1, h, s, d)
 
 
 class CrossLayer(nn.Module):
@@ -327,7 +346,7 @@ class CrossLayer(nn.Module):
     def forward(self, x, k, v, mask, row_mask):
         t, (b, s, _) = self.t, x.shape
         q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(b, s, t.n_heads, t.head_dim).transpose(1, 2))
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        attn = grouped_attention(q, k, v, mask)
         x = x + self.attn_gate.tanh() * self.o_proj(attn.transpose(1, 2).reshape(b, s, -1))
         h = row_mask * self.mlp(self.post_attention_layernorm(x))
         return x + self.mlp_gate.tanh() * h
@@ -353,6 +372,7 @@ class TextDecoder(nn.Module):
                                     for i in range(t.n_layers))
         self.norm = RMSNorm(t.dim, t.norm_eps)
         self.lm_head = nn.Linear(t.dim, t.vocab_size, bias=False)
+        _load_custom_ops()  # llama::update_cache and llama::custom_sdpa (eager and export)
         cos, sin = rope_tables(t, max_context_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -360,9 +380,12 @@ class TextDecoder(nn.Module):
     def forward(self, tokens, input_pos, cross_attention_mask, *image_state):
         a = self.args
         x = self.embed_tokens(tokens)
-        cos, sin = self.rope_cos[input_pos][None, None], self.rope_sin[input_pos][None, None]
-        positions = torch.arange(self.context)
-        causal = torch.where(positions[None, :] <= input_pos[:, None], 0.0, float("-inf"))[None, None]
+        s = tokens.shape[1]
+        start_pos = input_pos[0].item()  # input_pos holds start_pos .. start_pos + S - 1
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + s <= self.context)
+        cos = self.rope_cos.index_select(0, input_pos)[None, None]  # [1, 1, S, head_dim]
+        sin = self.rope_sin.index_select(0, input_pos)[None, None]
         # transformers' _prepare_cross_attention_mask: per text row, tiles it may see (each tile's
         # patches); rows that see none attend everywhere, and only their MLP output is masked out.
         patches = a.vision.patches
@@ -379,7 +402,7 @@ class TextDecoder(nn.Module):
                 x = layer(x, k, v, cross, row_mask)
                 cross_i += 1
             else:
-                x = layer(x, input_pos, cos, sin, causal)
+                x = layer(x, start_pos, cos, sin)
         return self.lm_head(self.norm(x))[:, -1]
 
     def reset_cache(self):

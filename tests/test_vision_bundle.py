@@ -267,3 +267,13 @@ def test_text_runners_refuse_vision_bundles(fp32_bundle):
         r = run_cli(*args)
         assert r.exit_code == 3 and "vision bundle" in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_meta_vision_layout_is_refused_clearly(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({
+        "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+        "vision_chunk_size": 560, "vision_max_num_chunks": 4, "vision_num_cross_attention_layers": 8}))
+    (tmp_path / "consolidated.00.pth").write_bytes(b"")
+    r = run_cli("build", "--checkpoint", tmp_path, "--out", tmp_path / "out")
+    assert r.exit_code == 4 and "convert_mllama_weights_to_hf" in r.stderr, r.stderr
