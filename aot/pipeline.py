@@ -231,6 +231,10 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
 
 def fingerprint(cfg: BuildConfig) -> str:
     """The input key `build` would record for `cfg`, without building (for up-to-date checks)."""
+    from aot import vision_build
+
+    if vision_build.is_vision_build(cfg):
+        return input_key(cfg, vision_build.hash_files(vision_build.resolve(cfg).files()))
     return input_key(cfg, hash_inputs(resolve_source(cfg, cfg.quant.plan()), cfg))
 
 

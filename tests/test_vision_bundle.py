@@ -277,3 +277,13 @@ def test_meta_vision_layout_is_refused_clearly(tmp_path):
     (tmp_path / "consolidated.00.pth").write_bytes(b"")
     r = run_cli("build", "--checkpoint", tmp_path, "--out", tmp_path / "out")
     assert r.exit_code == 4 and "convert_mllama_weights_to_hf" in r.stderr, r.stderr
+
+
+def test_fingerprint_matches_the_recorded_input_key(mllama, fp32_bundle, tmp_path):
+    """Release manifests decide "up to date" by this key without building."""
+    from aot.config import build_config
+    from aot.pipeline import fingerprint
+
+    cfg = build_config(tmp_path / "x", checkpoint=str(mllama[0]), quant="none", vision_quant="none",
+                       max_seq_len=SEQ, max_context_len=CTX)
+    assert fingerprint(cfg) == fp32_bundle["build"]["input_key"]
