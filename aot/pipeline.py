@@ -107,18 +107,8 @@ def _build(cfg: BuildConfig, stages: Stages, backend: Backend, plan: QuantPlan) 
             del methods
         del model
         metadata = runner_metadata(src, cfg, backend)
-        with stages.stage("lower", backend.name + (f" {cfg.soc}" if cfg.soc else "")):
-            edge = lower(programs, backend, plan, metadata, cfg.soc)
-        del programs
-        with stages.stage("serialize"):
-            program = to_executorch(edge, share_mutable_buffers=backend.static_shapes)
-            del edge
-            delegation = delegation_report(program)
-            with open(staging.dir / PTE_NAME, "wb") as f:
-                program.write_to_file(f)
-        del program
-        if src.tokenizer is not None:
-            shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
+        delegation = write_program(programs, backend, plan, metadata, stages, staging.dir, src.tokenizer, cfg.soc,
+                                   share_mutable_buffers=backend.static_shapes)
         manifest = bundle_manifest(cfg, src, plan, rotation, inputs, key, signatures, metadata, delegation, stages)
         manifest["target"] = {**backend.bundle_fields(cfg), "calibration": calibration}
         manifest["build"]["preflight"] = preflight
@@ -214,9 +204,12 @@ def hash_inputs(src: Source, cfg: BuildConfig) -> dict:
         from aot.validate import text_file
 
         files.append(text_file(cfg.calibration).absolute())  # PT2E calibration text
-    return {
-        str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)
-    }
+    return hash_files(files)
+
+
+def hash_files(files: list[Path]) -> dict:
+    """bundle.json's `inputs`: sha256 and size of each file, once each, keyed by path."""
+    return {str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)}
 
 
 def input_key(cfg: BuildConfig, inputs: dict) -> str:
@@ -234,7 +227,7 @@ def fingerprint(cfg: BuildConfig) -> str:
     from aot import vision_build
 
     if vision_build.is_vision_build(cfg):
-        return input_key(cfg, vision_build.hash_files(vision_build.resolve(cfg).files()))
+        return input_key(cfg, hash_files(vision_build.resolve(cfg).files()))
     return input_key(cfg, hash_inputs(resolve_source(cfg, cfg.quant.plan()), cfg))
 
 
@@ -317,6 +310,26 @@ def runner_metadata(src: Source, cfg: BuildConfig, backend: Backend) -> dict:
         "get_bos_id": src.bos_id,
         "get_eos_ids": list(src.eos_ids),
     }
+
+
+def write_program(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, stages: Stages, out: Path,
+                  tokenizer: TokenizerInfo | None, soc: str | None = None, share_mutable_buffers: bool = False) -> dict:
+    """Lower and serialize `programs` into out/model.pte (the lower and serialize stages), copy the
+    tokenizer beside it; returns the delegation report. Takes `programs` over: each stage's input
+    is dropped as soon as the next exists, so two of them are never alive at once."""
+    with stages.stage("lower", backend.name + (f" {soc}" if soc else "")):
+        edge = lower(programs, backend, plan, metadata, soc)
+    programs.clear()
+    with stages.stage("serialize"):
+        program = to_executorch(edge, share_mutable_buffers=share_mutable_buffers)
+        del edge
+        delegation = delegation_report(program)
+        with open(out / PTE_NAME, "wb") as f:
+            program.write_to_file(f)
+    del program
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer.path, out / tokenizer.path.name)
+    return delegation
 
 
 def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, soc: str | None = None):

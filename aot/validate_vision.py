@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch
 from aot.bundle import Bundle
 from aot.errors import ConfigError
 from aot.native import native_output_silenced
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # A bundle must be closer to the image-conditioned reference than this fraction of how far the
 # reference moves when the image is taken away (mean KL).

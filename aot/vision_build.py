@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from aot.backends import Backend
-from aot.bundle import PTE_NAME, Staging
+from aot.bundle import Staging
 from aot.config import BuildConfig, QuantConfig
 from aot.errors import CheckpointError, ConfigError
 from aot.preflight import check
@@ -217,7 +217,7 @@ def signatures(args, max_seq_len: int) -> dict:
 
 def build(cfg: BuildConfig, stages: Stages, backend: Backend) -> dict:
     from aot import mllama
-    from aot.pipeline import bundle_manifest_common, delegation_report, input_key, lower, to_executorch
+    from aot.pipeline import bundle_manifest_common, hash_files, input_key, write_program
 
     text_plan, vision_plan = plans(cfg)
     with Staging(cfg.out, cfg.force) as staging:
@@ -235,20 +235,10 @@ def build(cfg: BuildConfig, stages: Stages, backend: Backend) -> dict:
             programs = mllama.export_methods(model, cfg.max_seq_len)
         del model
         metadata = mllama.metadata(src.args, cfg.max_seq_len, cfg.max_context_len, src.bos_id, list(src.eos_ids))
-        with stages.stage("lower", backend.name):
-            edge = lower(programs, backend, text_plan, metadata)
-        del programs
-        with stages.stage("serialize"):
-            program = to_executorch(edge, share_mutable_buffers=True)
-            del edge
-            delegation = delegation_report(program)
-            with open(staging.dir / PTE_NAME, "wb") as f:
-                program.write_to_file(f)
-        del program
-        import shutil
-
-        if src.tokenizer is not None:
-            shutil.copyfile(src.tokenizer.path, staging.dir / src.tokenizer.path.name)
+        # share_mutable_buffers: the KV cache is planned apart from the arenas both methods share,
+        # so running vision_encoder between decoder calls cannot overwrite it.
+        delegation = write_program(programs, backend, text_plan, metadata, stages, staging.dir, src.tokenizer,
+                                   share_mutable_buffers=True)
         manifest = bundle_manifest_common(cfg, inputs, key, metadata, delegation, stages)
         manifest.update({
             "model": {"name": src.model_name, "family": "llama3.2-vision", "args": src.args.to_dict(),
@@ -270,9 +260,3 @@ def build(cfg: BuildConfig, stages: Stages, backend: Backend) -> dict:
         manifest["build"]["preflight"] = preflight
         manifest = staging.commit(manifest)
     return {**manifest, "path": str(staging.out)}
-
-
-def hash_files(files: list[Path]) -> dict:
-    from aot.checkpoint import sha256_file
-
-    return {str(f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in dict.fromkeys(files)}

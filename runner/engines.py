@@ -50,6 +50,27 @@ def _rates(prompt_tokens: int, start: float, stamps: list[float], load_s: float)
     return ttft, prompt_tokens / ttft, decode
 
 
+def sample_tokens(logits: torch.Tensor, pos: int, steps: int, temperature: float, seed: int | None, eos: set[int],
+           emit: Callable[[int], None], step: Callable[[int, int], torch.Tensor]) -> list[float]:
+    """Sample (greedy at temperature 0) up to `steps` tokens from `logits`, the prompt's last
+    logits: each token goes to `emit` and then to `step(token, position)` for the next logits;
+    stops before an EOS id. Returns each emitted token's timestamp (for the rates)."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+    stamps = []
+    for _ in range(steps):
+        if temperature > 0:
+            token = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
+        else:
+            token = int(logits.argmax())
+        if token in eos:
+            break
+        stamps.append(time.perf_counter())
+        emit(token)
+        logits = step(token, pos)
+        pos += 1
+    return stamps
+
+
 class StockEngine:
     name = "stock"
 
@@ -140,22 +161,12 @@ class PythonEngine:
             return self._generate(ids, max_new_tokens, temperature, seed, on_text)
 
     def _generate(self, ids, max_new_tokens, temperature, seed, on_text) -> Generation:
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        sink, stamps = TextSink(byte_level=False, on_text=on_text), []
+        sink = TextSink(byte_level=False, on_text=on_text)
         start = time.perf_counter()
-        logits, pos = self._prefill(ids), len(ids)
-        for _ in range(min(max_new_tokens, self.max_context_len - pos)):
-            if temperature > 0:
-                token = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
-            else:
-                token = int(logits.argmax())
-            stamps.append(time.perf_counter())
-            if token in self.eos:
-                stamps.pop()
-                break
-            sink.feed(self.token_bytes([token]))
-            logits = self._last(self.forward(torch.tensor([[token]]), torch.tensor([pos])))
-            pos += 1
+        steps = min(max_new_tokens, self.max_context_len - len(ids))
+        stamps = sample_tokens(self._prefill(ids), len(ids), steps, temperature, seed, self.eos,
+                               lambda token: sink.feed(self.token_bytes([token])),
+                               lambda token, pos: self._last(self.forward(torch.tensor([[token]]), torch.tensor([pos]))))
         text = sink.close()
         load_s = 0.0 if self._loaded else self.load_s
         self._loaded = True

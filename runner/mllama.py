@@ -28,7 +28,7 @@ import torch
 from aot.bundle import Bundle
 from aot.errors import ConfigError, ImageError
 from aot.native import native_output_silenced
-from aot.runner.engines import Generation, OnText, _rates
+from aot.runner.engines import Generation, OnText, _rates, sample_tokens
 from aot.runner.pte import PteProgram, load_kernels
 from aot.runner.text import TextSink, TokenBytes
 from aot.runner.vision import ImageSpec, cross_attention_mask, open_image, preprocess
@@ -143,26 +143,16 @@ class VisionEngine:
         ids = self.encode(prompt, pre is not None)
         if len(ids) >= self.max_context_len:
             raise ConfigError(f"the prompt is {len(ids)} tokens; this bundle's context holds {self.max_context_len}")
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        sink, stamps = TextSink(byte_level=False, on_text=on_text), []
+        sink = TextSink(byte_level=False, on_text=on_text)
         with native_output_silenced():
             state, tiles = self.image_state(pre)
             start = time.perf_counter()  # the image's encoder time is reported apart
             mask = self.mask(ids, tiles)
-            logits, pos = self.prefill(ids, mask, state), len(ids)
-            row = mask[:, -1:]
-            for _ in range(min(max_new_tokens, self.max_context_len - pos)):
-                if temperature > 0:
-                    token = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
-                else:
-                    token = int(logits.argmax())
-                stamps.append(time.perf_counter())
-                if token in self.eos:
-                    stamps.pop()
-                    break
-                sink.feed(self.token_bytes([token]))
-                logits = self.step([token], pos, row, state)
-                pos += 1
+            row = mask[:, -1:]  # every generated token sees what the prompt's last token sees
+            steps = min(max_new_tokens, self.max_context_len - len(ids))
+            stamps = sample_tokens(self.prefill(ids, mask, state), len(ids), steps, temperature, seed, self.eos,
+                                   lambda token: sink.feed(self.token_bytes([token])),
+                                   lambda token, pos: self.step([token], pos, row, state))
         text = sink.close()
         load_s = 0.0 if self._loaded else self.load_s
         self._loaded = True
