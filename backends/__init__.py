@@ -6,7 +6,6 @@ and one `@register` line; the pipeline never branches on the delegate's name.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,8 +50,11 @@ class Backend:
         raise NotImplementedError
 
     def lowering_context(self):
-        """A context manager around lowering (local workarounds of ExecuTorch); none by default."""
-        return contextlib.nullcontext()
+        """A context manager around lowering (local workarounds of ExecuTorch). By default, the
+        partitioners' dependency maps as bitsets (backends/dependencies.py)."""
+        from aot.backends.dependencies import compact_dependency_viewers
+
+        return compact_dependency_viewers()
 
     def hold_weights(self, module) -> int:
         """Called on each part of the model as soon as it is quantized (streamed builds): a chance

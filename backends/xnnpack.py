@@ -33,6 +33,7 @@ class Xnnpack(Backend):
 
     def lowering_context(self):
         stack = contextlib.ExitStack()
+        stack.enter_context(super().lowering_context())  # compact dependency maps while partitioning
         stack.enter_context(preprocess_shares_weights())
         stack.enter_context(free_weights_once_packed(free=FREE_PACKED_WEIGHTS))
         return stack
