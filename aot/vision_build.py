@@ -173,9 +173,7 @@ def load_quantized(src: VisionSource, cfg: BuildConfig, text_plan: QuantPlan, vi
             else:
                 reader.fill(model, names)
             modules = tuple(n for n in group if n != "vision")
-            for name in modules:
-                for buf in model.get_submodule(name).buffers():
-                    buf.zero_()  # KV caches
+            # The parts' only buffers are KV caches, never written (see pipeline.load_quantized).
             plan = vision_plan if group[0].startswith("vision") else text_plan
             if plan.scheme != "none":
                 apply_plan(model, plan, output_name="text.lm_head", parts=modules)

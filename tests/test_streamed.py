@@ -28,15 +28,31 @@ def test_streamed_checkpoint_build_is_byte_identical(bundle_8da4w, hf_ckpt, tmp_
 
 @pytest.mark.parametrize("quant", ["bf16"])
 def test_streamed_random_weights_build_is_byte_identical(quant, tmp_path, monkeypatch):
+    """Also: the streamed build never writes its KV caches (pipeline.load_quantized), so their
+    contents must not reach the program. Here they are filled with NaN before each part is
+    quantized; the plain build zeroes them; the bytes must be the same."""
+    import torch
     from conftest import run_cli
 
+    from aot import pipeline
+
+    filled, apply_plan = [], pipeline.apply_plan
+
+    def apply_plan_on_garbage(model, plan, parts=None, **kwargs):
+        for name in parts or ():
+            for buf in model.get_submodule(name).buffers():
+                filled.append(buf.fill_(torch.nan).numel())
+        return apply_plan(model, plan, parts=parts, **kwargs)
+
+    monkeypatch.setattr(pipeline, "apply_plan", apply_plan_on_garbage)
     flags = ["--model", "tiny", "--random-weights", "--quant", quant, "--max-seq-len", SEQ, "--max-context-len", CTX,
              "--bos-id", 0, "--eos-id", 1, "--json"]
     result = run_cli("build", *flags, "--out", tmp_path / "streamed")
     assert result.exit_code == 0, result.stderr
+    assert len(filled) == 2 * 2  # k and v caches of both tiny layers
     streamed = (tmp_path / "streamed" / "model.pte").read_bytes()
-    from aot import pipeline
 
+    monkeypatch.setattr(pipeline, "apply_plan", apply_plan)
     monkeypatch.setattr(pipeline, "STREAMED_LOAD", False)
     result = run_cli("build", *flags, "--out", tmp_path / "plain")
     assert result.exit_code == 0, result.stderr
