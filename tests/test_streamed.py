@@ -70,8 +70,14 @@ def test_row_chunked_quantization_gives_the_same_tensors(hf_ckpt, monkeypatch):
 
     plan = QuantConfig(scheme="8da4w").plan()
     whole, chunked = apply_plan(our_model(hf_ckpt), plan), our_model(hf_ckpt)
+    monkeypatch.setattr(quant, "CHUNK_ABOVE_ROWS", 100)
     monkeypatch.setattr(quant, "CHUNK_ROWS", 100)  # 1024 rows: 10 full slices and a partial one
+    import torchao.quantization
+
+    slices, quantize_ = [], torchao.quantization.quantize_
+    monkeypatch.setattr(torchao.quantization, "quantize_", lambda m, *a, **k: (slices.append(m), quantize_(m, *a, **k))[1])
     apply_plan(chunked, plan)
+    assert sum(1 for m in slices if m.weight.shape == (100, 128)) >= 2 * 10  # really sliced
     for name in ("tok_embeddings", "output", "layers.0.feed_forward.w1"):
         a, b = whole.get_submodule(name).weight, chunked.get_submodule(name).weight
         assert type(a) is type(b) and a.block_size == b.block_size
