@@ -51,7 +51,7 @@ def _rates(prompt_tokens: int, start: float, stamps: list[float], load_s: float)
 
 
 def sample_tokens(logits: torch.Tensor, pos: int, steps: int, temperature: float, seed: int | None, eos: set[int],
-           emit: Callable[[int], None], step: Callable[[int, int], torch.Tensor]) -> list[float]:
+                  emit: Callable[[int], None], step: Callable[[int, int], torch.Tensor]) -> list[float]:
     """Sample (greedy at temperature 0) up to `steps` tokens from `logits`, the prompt's last
     logits: each token goes to `emit` and then to `step(token, position)` for the next logits;
     stops before an EOS id. Returns each emitted token's timestamp (for the rates)."""

@@ -63,6 +63,7 @@ def test_row_chunked_quantization_gives_the_same_tensors(hf_ckpt, monkeypatch):
     """The vocab-sized embedding and output projection are quantized a slice of rows at a time
     (peak memory); rows are independent, so the quantized data must equal quantizing at once."""
     import torch
+    import torchao.quantization
 
     from aot import quant
     from aot.quant import QuantConfig, apply_plan
@@ -72,8 +73,6 @@ def test_row_chunked_quantization_gives_the_same_tensors(hf_ckpt, monkeypatch):
     whole, chunked = apply_plan(our_model(hf_ckpt), plan), our_model(hf_ckpt)
     monkeypatch.setattr(quant, "CHUNK_ABOVE_ROWS", 100)
     monkeypatch.setattr(quant, "CHUNK_ROWS", 100)  # 1024 rows: 10 full slices and a partial one
-    import torchao.quantization
-
     slices, quantize_ = [], torchao.quantization.quantize_
     monkeypatch.setattr(torchao.quantization, "quantize_", lambda m, *a, **k: (slices.append(m), quantize_(m, *a, **k))[1])
     apply_plan(chunked, plan)
