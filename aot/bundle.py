@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from aot.checkpoint import sha256_file
+from aot.files import sha256_file
 from aot.errors import BundleError, OutputError
 
 BUNDLE_JSON = "bundle.json"

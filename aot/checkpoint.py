@@ -8,7 +8,6 @@ by name and shape; every missing, extra or mis-shaped tensor is reported togethe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from contextlib import ExitStack
@@ -361,11 +360,3 @@ class WeightReader:
 
 def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in name.split(".")]
-
-
-def sha256_file(file: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

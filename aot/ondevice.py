@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from aot.bundle import Bundle
-from aot.checkpoint import sha256_file
+from aot.files import sha256_file
 from aot.errors import ConfigError, DeviceError
 from aot.native import native_output_silenced
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,8 +19,10 @@ import torch
 from aot import __version__
 from aot.backends import Backend, get_backend
 from aot.bundle import BUNDLE_FORMAT, FORMAT_VERSION, PTE_NAME, Staging
-from aot.checkpoint import Checkpoint, load_weights, open_checkpoint, sha256_file
+from aot.checkpoint import Checkpoint, load_weights, open_checkpoint
+from aot.files import sha256_file
 from aot.config import PATH_FIELDS, BuildConfig
+from aot.delegation import delegation_report
 from aot.errors import BuildError, CheckpointError, ConfigError
 from aot.methods import export_methods, text_methods
 from aot.model import MODELS, ModelArgs, Transformer, random_init_
@@ -371,45 +372,6 @@ def to_executorch(edge, share_mutable_buffers: bool = False):
         )
     except Exception as e:
         raise BuildError(f"serializing the program failed: {type(e).__name__}: {_first_line(e)}") from e
-
-
-# Graph bookkeeping that is not a kernel: Python scalar ops, shape queries, asserts, the memory
-# planner's alloc/view nodes.
-_NOT_OPS = ("getitem", "sym_size", "_assert_scalar", "_local_scalar_dense", "alloc", "view",
-            "add", "sub", "mul", "le", "ge", "lt", "gt", "eq", "floordiv", "executorch_prim")
-
-
-def _op_name(node) -> str | None:
-    name = str(node.target)
-    if name.startswith("<"):  # Python functions and edge ops print as <function alloc at 0x...>
-        name = getattr(node.target, "__name__", name)
-    if any(name == n or name.startswith((n + ".", "aten." + n + ".")) for n in _NOT_OPS):
-        return None
-    return re.sub(r"(\.out|_out|\.default)$", "", name)
-
-
-def delegation_report(et_program) -> dict:
-    """Per method: kernels run by the delegate vs on ExecuTorch's CPU kernels, by operator."""
-    report = {}
-    for name in et_program.methods:
-        gm = et_program.exported_program(name).graph_module
-        delegated, cpu, subgraphs = 0, {}, 0
-        for node in gm.graph.nodes:
-            if node.op != "call_function":
-                continue
-            if "executorch_call_delegate" in str(node.target):
-                subgraphs += 1
-                inner = getattr(gm, node.args[0].target).original_module.graph.nodes
-                delegated += sum(1 for n in inner if n.op == "call_function" and _op_name(n))
-            elif (op := _op_name(node)) is not None:
-                cpu[op] = cpu.get(op, 0) + 1
-        report[name] = {
-            "delegated_ops": delegated,
-            "total_ops": delegated + sum(cpu.values()),
-            "delegated_subgraphs": subgraphs,
-            "cpu_ops": dict(sorted(cpu.items())),
-        }
-    return report
 
 
 def _first_line(e: BaseException) -> str:

@@ -106,7 +106,8 @@ def text_file(given: Path | None) -> Path:
 
 def reference_logits(bundle: Bundle, reference: Path | None, ids: list[int]) -> tuple[dict, torch.Tensor]:
     """Eager fp32 logits of the reference checkpoint, [len(ids), vocab], and what it was."""
-    from aot.checkpoint import open_checkpoint, sha256_file
+    from aot.checkpoint import open_checkpoint
+    from aot.files import sha256_file
     from aot.config import BuildConfig
     from aot.model import ModelArgs
     from aot.pipeline import load_model, resolve_source

@@ -121,7 +121,7 @@ def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def reference_model(bundle: Bundle, reference: Path | None):
-    from aot.checkpoint import sha256_file
+    from aot.files import sha256_file
     from aot.mllama import args_from_hf_config, load_hf
 
     recorded = bundle.manifest.get("checkpoint")

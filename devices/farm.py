@@ -64,7 +64,7 @@ def _script(target: str, directory: str, files: list[str], tokenizer: str, seq_l
 def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_tokens: int, new_tokens: int,
             repeats: int, min_agreement: float, stages) -> dict:
     from aot.bundle import open_bundle
-    from aot.checkpoint import sha256_file
+    from aot.files import sha256_file
     from aot.devices import farm_aws
     from aot.devices.adb import DEVICE_ROOT, require_runner
     from aot.ondevice import prompts_from_text

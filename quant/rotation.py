@@ -164,7 +164,7 @@ def r2_key(layer: int) -> str:
 def load_rotations(file: Path, args) -> Rotations:
     """Learned R1/R2 in the format SpinQuant's training saves (`R.bin`: a dict of tensors,
     "R1" [dim, dim] and "model.layers.{i}.self_attn.R2" [head_dim, head_dim])."""
-    from aot.checkpoint import sha256_file  # late: aot.checkpoint imports the model
+    from aot.files import sha256_file
 
     flag = f"--rotation {file}"
     if not file.is_file():

@@ -1,0 +1,44 @@
+"""File helpers every layer uses: one sha256 and one atomic writer.
+
+At the bottom of the import layers (errors, files -> config -> ...): imports nothing of aot's but
+its errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from aot.errors import OutputError
+
+CHUNK = 1 << 22  # 4 MiB reads: hashing a 6 GiB checkpoint never holds more than this
+
+
+def sha256_file(file: Path, chunk: int = CHUNK) -> str:
+    """Hex sha256 of a file, read in chunks (never whole into memory)."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomically(path: Path, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file beside it and a rename: a reader sees the old
+    file or the new one, never half of one. One line (OutputError) when the place is not writable."""
+    path = Path(path).expanduser()
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror}); choose a writable path") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return path
