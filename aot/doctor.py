@@ -6,15 +6,17 @@ import os
 import platform
 from pathlib import Path
 
+import psutil
+
+from aot.backends import BACKENDS
+from aot.pipeline import versions
+
 # CPU features the int8/int4 kernels of XNNPACK use when present.
 _X86_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 _ARM_FEATURES = ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
 
 
 def diagnose() -> dict:
-    from aot.backends import BACKENDS
-    from aot.pipeline import versions
-
     delegates = {}
     for name, cls in sorted(BACKENDS.items()):
         backend = cls()
@@ -37,11 +39,7 @@ def host_info() -> dict:
             elif key in ("flags", "Features"):
                 flags.update(value.split())
     wanted = _ARM_FEATURES if platform.machine() in ("aarch64", "arm64") else _X86_FEATURES
-    memory = None
-    try:
-        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
+    memory = round(psutil.virtual_memory().total / 2**30, 1)  # MemTotal on Linux
     return {
         "os": f"{platform.system()} {platform.release()}",
         "arch": platform.machine(),

@@ -10,9 +10,10 @@ peak RSS ~ 0.3 GiB + 1.8 x the program's weight bytes (Llama 3.2 1B 8da4w: 1.0 G
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+
+import psutil
 
 from aot.errors import ResourcesShort
 
@@ -44,17 +45,10 @@ def estimate(kinds: dict[str, int], text_plan, vision_plan=None) -> dict:
 
 
 def available_memory() -> int | None:
-    """MemAvailable (Linux), else free physical pages; None when unknown."""
+    """Memory a new process can use without swapping (MemAvailable on Linux); None when unknown."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        return psutil.virtual_memory().available
+    except (OSError, RuntimeError):
         return None
 
 

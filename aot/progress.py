@@ -1,16 +1,22 @@
-"""Per-stage wall time and peak RSS, shown as the build goes (rich on a terminal, plain lines
-otherwise, always on stderr so stdout stays clean for --json)."""
+"""Per-stage wall time and peak RSS, shown as the build goes (rich's live status on a terminal,
+plain unwrapped lines otherwise, always on stderr so stdout stays clean for --json).
+
+Peak RSS is the kernel's high-water mark (VmHWM), reset per stage through /proc/self/clear_refs:
+psutil has no peak figure on Linux (memory_info().rss is the current RSS), and sampling it would
+miss short spikes. rich.progress is not used for step counts: on a non-terminal (CI logs) it writes
+nothing until the task ends, where these lines show what is running now.
+"""
 
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -79,6 +85,12 @@ class Stages:
         self.prefix = f"{prefix}: " if prefix else ""  # which target, when several build at once
         self.records: list[StageRecord] = []
         self._t0 = time.perf_counter()
+        self._status = None  # the live status of the running stage, on a terminal
+        self._label = ""
+
+    def _line(self, text: str) -> None:
+        """One line as it is: no markup, emoji codes or wrapping at the console's width."""
+        self.console.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
     @contextmanager
     def stage(self, name: str, detail: str = ""):
@@ -88,26 +100,32 @@ class Stages:
         if self.quiet:
             yield
         elif self.console.is_terminal:
-            with self.console.status(f"[bold]{label}[/bold] ..."):
-                yield
+            with self.console.status(f"[bold]{escape(label)}[/bold] ...") as status:
+                self._status, self._label = status, label
+                try:
+                    yield
+                finally:
+                    self._status = None
         else:
-            print(f"[aot] {label} ...", file=sys.stderr, flush=True)
+            self._line(f"[aot] {label} ...")
             yield
         record = StageRecord(name, time.perf_counter() - start, peak_rss_mib(), detail)
         self.records.append(record)
         if not self.quiet:
             self.console.print(
-                f"[green]✓[/green] {label:<28} {record.seconds:8.1f} s   peak {record.peak_rss_mib / 1024:6.2f} GiB"
-            )
+                f"[green]✓[/green] {escape(f'{label:<28}')} {record.seconds:8.1f} s   "
+                f"peak {record.peak_rss_mib / 1024:6.2f} GiB", emoji=False, highlight=False, soft_wrap=True)
 
     def progress(self, done: int, total: int) -> None:
-        """Within a long stage: `done` of `total` steps finished."""
+        """Within a long stage: `done` of `total` steps finished (on a terminal, in the stage's status)."""
         if self.quiet:
             return
-        if self.console.is_terminal:
-            self.console.print(f"  {self.prefix}{done}/{total}")
+        if self._status is not None:
+            self._status.update(f"[bold]{escape(self._label)}[/bold] ... {done}/{total}")
+        elif self.console.is_terminal:
+            self.console.print(f"  {escape(self.prefix)}{done}/{total}", highlight=False)
         else:
-            print(f"[aot]   {self.prefix}{done}/{total}", file=sys.stderr, flush=True)
+            self._line(f"[aot]   {self.prefix}{done}/{total}")
 
     @property
     def total_seconds(self) -> float:

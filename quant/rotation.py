@@ -14,6 +14,8 @@ output projection's head columns W_o[:, head] @ R2.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +23,13 @@ import torch
 from torch import nn
 
 from aot.errors import ConfigError
+from aot.files import sha256_file
 from aot.model import _load_custom_ops
 
-# n -> prime q with n = q + 1, q = 3 (mod 4): Paley's construction I gives a Hadamard matrix.
-_PALEY = {12: 11, 20: 19}
+# The non-power-of-two factors SpinQuant needs for Llama 3.2 (the 3B's dim 3072 = 12 * 256) and
+# beyond: torchao's SpinQuant tables. get_hadK(m, transpose=True) is, bit for bit, the +-1 Paley I
+# matrix of the quadratic residues mod m - 1 (tests/test_rotation_hadamard.py builds it and checks).
+_FACTORS = (12, 20)
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -34,19 +39,18 @@ def _sylvester(n: int) -> torch.Tensor:
     return h
 
 
-def _paley(q: int) -> torch.Tensor:
-    """A (q+1)x(q+1) +-1 Hadamard matrix from the quadratic residues mod q."""
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = torch.tensor([0.0] + [1.0 if i in squares else -1.0 for i in range(1, q)], dtype=torch.float64)
-    jacobsthal = torch.stack([chi[(torch.arange(q) - i) % q] for i in range(q)])  # Q[i, j] = chi(j - i)
-    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jacobsthal
-    return torch.eye(q + 1, dtype=torch.float64) + s
+def _factor(m: int) -> torch.Tensor:
+    """The unnormalized m x m +-1 Hadamard factor (m in _FACTORS), float64, from torchao."""
+    with contextlib.redirect_stdout(io.StringIO()):  # its import prints a NOTE on stdout (--json)
+        from torchao.prototype.spinquant.hadamard_utils import get_hadK
+    h, k = get_hadK(m, transpose=True)
+    assert k == m, (m, k)
+    return h.to(torch.float64).contiguous()
 
 
 def hadamard_factors(n: int) -> tuple[int, int] | None:
     """(m, p) with n = m * p, p a power of two and m in (1, 12, 20); None if n has no such form."""
-    for m in (1, *_PALEY):
+    for m in (1, *_FACTORS):
         if n % m == 0:
             p = n // m
             if p & (p - 1) == 0:
@@ -56,12 +60,12 @@ def hadamard_factors(n: int) -> tuple[int, int] | None:
 
 def hadamard(n: int) -> torch.Tensor:
     """The orthonormal n x n Hadamard matrix `OnlineHadamard(n)` applies (float64): the Kronecker
-    product of a Paley factor (12 or 20, when n needs one) and a Sylvester power of two."""
+    product of a 12 or 20 factor (when n needs one) and a Sylvester power of two."""
     factors = hadamard_factors(n)
     if factors is None:
         raise ConfigError(f"no Hadamard matrix of size {n}: it must be 2^k, 12*2^k or 20*2^k")
     m, p = factors
-    h = _sylvester(p) if m == 1 else torch.kron(_paley(_PALEY[m]), _sylvester(p))
+    h = _sylvester(p) if m == 1 else torch.kron(_factor(m), _sylvester(p))
     return h / n**0.5
 
 
@@ -88,7 +92,7 @@ def _fast_hadamard(x: torch.Tensor, p: int, paley: torch.Tensor | None) -> torch
 
 
 def _paley_factor(m: int) -> torch.Tensor | None:
-    return _paley(_PALEY[m]) / m**0.5 if m > 1 else None
+    return _factor(m) / m**0.5 if m > 1 else None
 
 
 def hadamard_rows(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -164,7 +168,6 @@ def r2_key(layer: int) -> str:
 def load_rotations(file: Path, args) -> Rotations:
     """Learned R1/R2 in the format SpinQuant's training saves (`R.bin`: a dict of tensors,
     "R1" [dim, dim] and "model.layers.{i}.self_attn.R2" [head_dim, head_dim])."""
-    from aot.files import sha256_file
 
     flag = f"--rotation {file}"
     if not file.is_file():
