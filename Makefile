@@ -7,7 +7,7 @@ AOT := $(VENV)/bin/aot
 STAMP := $(VENV)/.installed-stamp
 DEMO := build/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Unit tests, no lowering: everything not marked slow (tests/conftest.py marks every test that
+# builds a bundle). The other tiers by marker: pytest -m oracle, pytest -m e2e.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(AOT) build --model demo --quant 8da4w --out $(DEMO)/bundle --force

@@ -8,13 +8,12 @@ from pathlib import Path
 
 from aot.bundle import PTE_NAME, open_bundle
 from aot.errors import ConfigError
+from aot.runner.engines import PythonEngine
 from aot.speed import measure_speed
+from aot.texts import text_file
 
 
 def bench_bundle(path: Path, prompt_tokens: int, decode_tokens: int, repeats: int, text: Path | None) -> dict:
-    from aot.runner.engines import PythonEngine
-    from aot.validate import text_file
-
     for flag, value in (("-p", prompt_tokens), ("-n", decode_tokens), ("-r", repeats)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, but got {value}")

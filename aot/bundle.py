@@ -11,8 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from aot.errors import BundleError, ConfigError, DelegateUnavailable, OutputError
 from aot.files import sha256_file
-from aot.errors import BundleError, OutputError
 
 BUNDLE_JSON = "bundle.json"
 BUNDLE_FORMAT = "aot-bundle"
@@ -139,8 +139,6 @@ class Bundle:
         the host's runners; say where they do."""
         target = self.manifest.get("target") or {}
         if "prefill_len" in target:
-            from aot.errors import DelegateUnavailable
-
             d = target.get("delegate")
             raise DelegateUnavailable(
                 f"{self.root}: a {d} bundle for {target.get('soc')} (prefill/decode methods for the NPU) runs on "
@@ -150,8 +148,6 @@ class Bundle:
     def require_text_runner(self, what: str) -> None:
         """Vision bundles (vision_encoder + text_decoder) do not run on ExecuTorch's text runners."""
         if self.manifest.get("image") is not None:
-            from aot.errors import ConfigError
-
             raise ConfigError(f"{self.root} is a vision bundle: {what} runs text bundles; use `aot run --image` "
                               "and `aot validate` (host) for it")
 

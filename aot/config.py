@@ -12,14 +12,13 @@ from pathlib import Path
 
 from aot.backends import BACKENDS
 from aot.errors import ConfigError
-from aot.model import MODELS
+from aot.families import family_for, model_names
 from aot.quant import QuantConfig
+from aot.texts import DEMO_CHECKPOINT, DEMO_DIR  # noqa: F401  (the --model demo checkpoint)
 
 DEFAULT_MAX_SEQ_LEN = 128  # longest prefill chunk one forward call takes
 DEFAULT_MAX_CONTEXT_LEN = 2048  # KV cache positions
 MAX_CONTEXT_LIMIT = 131_072  # Llama 3.2's trained context
-DEMO_DIR = Path(__file__).parent / "demo"  # the embedded demo model and its held-out text
-DEMO_CHECKPOINT = DEMO_DIR / "model"
 
 
 @dataclass(frozen=True)
@@ -56,18 +55,11 @@ class BuildConfig:
 
     def errors(self) -> list[str]:
         errors = []
-        from aot.mllama import VISION_MODELS
-
-        if self.model is not None and self.model not in MODELS and self.model not in VISION_MODELS:
-            errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join([*MODELS, *VISION_MODELS])}")
-        if self.vision_quant is not None:
-            from aot.vision_build import VISION_SCHEMES, is_mllama_checkpoint
-
-            if self.vision_quant not in VISION_SCHEMES:
-                errors.append(f"unknown --vision-quant '{self.vision_quant}'; choose one of: {', '.join(VISION_SCHEMES)}")
-            if self.model not in VISION_MODELS and not is_mllama_checkpoint(self.checkpoint):
-                errors.append("--vision-quant applies to vision models (11b-vision, 90b-vision or a Mllama "
-                              "--checkpoint); drop it")
+        models = model_names()
+        if self.model is not None and self.model not in models:
+            errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join(models)}")
+        else:
+            errors += family_for(self).config_errors(self)
         if self.checkpoint is None and not self.random_weights:
             errors.append(
                 "give --checkpoint DIR (a Meta or Hugging Face Llama 3.2 directory), or --model NAME "
@@ -126,35 +118,108 @@ def delegate_errors(backend, scheme: str, soc: str | None, kv_bits: int | None) 
     return errors
 
 
-# Build fields by their flag / manifest name: (accepted YAML types, config, field there).
-# `aot build` flags and manifest keys are the same names, parsed here once.
-FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
-    "model": ((str,), "build", "model"),
-    "checkpoint": ((str,), "build", "checkpoint"),
-    "tokenizer": ((str,), "build", "tokenizer"),
-    "rotation": ((str,), "build", "rotation"),
-    "random_weights": ((bool,), "build", "random_weights"),
-    "seed": ((int,), "build", "seed"),
-    "delegate": ((str,), "build", "delegate"),
-    "soc": ((str,), "build", "soc"),
-    "kv_bits": ((int,), "build", "kv_bits"),
-    "calibration": ((str,), "build", "calibration"),
-    "quant": ((str,), "quant", "scheme"),
-    "group_size": ((int,), "quant", "group_size"),
-    "embedding_quant": ((str, int), "quant", "embedding"),
-    "embedding_group_size": ((int,), "quant", "embedding_group_size"),
-    "output_quant": ((str,), "quant", "output"),
-    "max_seq_len": ((int,), "build", "max_seq_len"),
-    "max_context_len": ((int,), "build", "max_context_len"),
-    "bos_id": ((int,), "build", "bos_id"),
-    "eos_ids": ((list,), "build", "eos_ids"),
-    "full_logits": ((bool,), "build", "full_logits"),
-    "vision_quant": ((str,), "build", "vision_quant"),
-    "no_preflight": ((bool,), "build", "no_preflight"),
-}
+# ---- the one schema of build fields: `aot build` flags and manifest keys ----------------------
+# Derived from the dataclasses' fields and type hints, so a field added to BuildConfig or
+# QuantConfig is a flag name, a manifest key and a checked YAML type at once.
+
+
+@dataclass(frozen=True)
+class FieldType:
+    """What a config field holds (its type hint, None left out) and what YAML may write for it."""
+
+    base: type  # Path, str, int, float, bool or tuple
+    item: type | None = None  # tuples: the type of each element
+    also: tuple[type, ...] = ()  # YAML scalars parsed into `base` as well (embedding bits: 8, 4)
+
+    @property
+    def yaml(self) -> tuple[type, ...]:
+        own = {Path: (str,), float: (int, float), tuple: (list,)}.get(self.base, (self.base,))
+        return own + self.also
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) and bool not in self.yaml:
+            return False
+        if not isinstance(value, self.yaml):
+            return False
+        return self.item is None or all(isinstance(v, self.item) and not isinstance(v, bool) for v in value)
+
+    def describe(self) -> str:
+        return " or ".join(t.__name__ for t in self.yaml) + (f" of {self.item.__name__}s" if self.item else "")
+
+    def parse(self, value):
+        """A flag's or YAML value as the dataclass field holds it."""
+        if value is None:
+            return None
+        if self.base is Path:
+            return Path(value).expanduser()
+        if self.base is tuple:
+            return tuple(value)
+        return str(value) if self.base is str else value
+
+
+def field_types(cls, skip: tuple[str, ...] = ()) -> dict[str, FieldType]:
+    """A dataclass's fields in declaration order, by name, from their type hints."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            out[f.name] = FieldType(tuple, typing.get_args(hint)[0])
+        elif hint in (Path, str, int, float, bool):
+            out[f.name] = FieldType(hint)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no flag or YAML form for {hint}")
+    return out
+
+
+@dataclass(frozen=True)
+class BuildField:
+    config: str  # "build" (BuildConfig) or "quant" (QuantConfig)
+    attr: str  # the field's name there
+    type: FieldType
+
+
+# QuantConfig's fields by their flag names (its own names are short: scheme, output, ...).
+_QUANT_FLAGS = {"scheme": "quant", "embedding": "embedding_quant", "output": "output_quant"}
+_YAML_ALSO = {"embedding_quant": (int,)}  # bits: YAML reads `embedding_quant: 8` as an int
+
+
+def _build_fields() -> dict[str, BuildField]:
+    import dataclasses
+
+    build = field_types(BuildConfig, skip=("out", "force", "quant"))
+    quant = {_QUANT_FLAGS.get(a, a): (a, t) for a, t in field_types(QuantConfig).items()}
+    fields_ = {}
+    for f in dataclasses.fields(BuildConfig):  # BuildConfig's order, QuantConfig's fields in its place
+        if f.name == "quant":
+            fields_.update({name: BuildField("quant", a, FieldType(t.base, t.item, _YAML_ALSO.get(name, ())))
+                            for name, (a, t) in quant.items()})
+        elif f.name in build:
+            fields_[f.name] = BuildField("build", f.name, build[f.name])
+    return fields_
+
+
+# Build fields by their flag / manifest name (`aot build` flags and manifest keys are the same).
+FIELDS: dict[str, BuildField] = _build_fields()
 # Input files: relative to the manifest in manifests, and not part of a build's input key (their
 # contents are, by sha256).
-PATH_FIELDS = ("checkpoint", "tokenizer", "rotation", "calibration")
+PATH_FIELDS = tuple(k for k, f in FIELDS.items() if f.type.base is Path)
+
+
+def given_fields(values: dict) -> dict:
+    """The build fields among `values` (a command's parameters) that were set: None, False and
+    empty lists are flags left out, whose defaults are BuildConfig's and QuantConfig's."""
+    return {k: values[k] for k in FIELDS if k in values
+            and not (values[k] is None or values[k] is False or values[k] in ([], ()))}
 
 
 def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:
@@ -169,14 +234,8 @@ def build_config(out: Path, force: bool = False, **fields) -> BuildConfig:
     for key, value in fields.items():
         if key not in FIELDS:
             raise ConfigError(f"unknown build field '{key}'; choose one of: {', '.join(FIELDS)}")
-        _, where, name = FIELDS[key]
-        if key in PATH_FIELDS:
-            value = Path(value).expanduser()
-        elif key == "eos_ids":
-            value = tuple(value)
-        elif key == "embedding_quant":
-            value = str(value)
-        (quant if where == "quant" else build)[name] = value
+        f = FIELDS[key]
+        (quant if f.config == "quant" else build)[f.attr] = f.type.parse(value)
     errors = []
     try:
         qcfg = QuantConfig(**quant)

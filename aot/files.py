@@ -34,6 +34,9 @@ def write_atomically(path: Path, data: str | bytes) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; what open() would have made
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

@@ -6,11 +6,10 @@ from pathlib import Path
 
 from aot.bundle import PTE_NAME, verify_bundle
 from aot.errors import BundleError
+from aot.runner.pte import PteProgram
 
 
 def inspect_bundle(path: Path) -> dict:
-    from aot.runner.pte import PteProgram
-
     manifest = verify_bundle(path)
     root = Path(path).expanduser()
     root = root if root.is_dir() else root.parent

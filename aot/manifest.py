@@ -29,19 +29,19 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from aot.config import FIELDS, PATH_FIELDS, BuildConfig, build_config
+from aot.config import FIELDS, PATH_FIELDS, BuildConfig, FieldType, build_config, field_types
 from aot.errors import ConfigError
+from aot.quant import QuantConfig
 from aot.validate import Gates, ValidateConfig
 
 FORMAT_VERSION = 1
 TOP_KEYS = ("version", "defaults", "targets", "matrix")
 TARGET_KEYS = ("name", "out", "validate", *FIELDS)
 DEFAULT_NAME = "{model}-{delegate}-{quant}"
-# validate: the thresholds of `aot validate` (Gates) and its options (ValidateConfig).
+# validate: the options of `aot validate` (ValidateConfig) and its thresholds (Gates), typed by
+# the same schema as the build fields (aot.config.field_types).
 _GATE_KEYS = tuple(f.name for f in fields(Gates))
-_VALIDATE_TYPES = {"reference": (str,), "text": (str,), "max_tokens": (int,), "prompt_tokens": (int,),
-                   "decode_tokens": (int,), "repeats": (int,), "skip_speed": (bool,),
-                   **{k: (int, float) for k in _GATE_KEYS}}
+VALIDATE_FIELDS: dict[str, FieldType] = {**field_types(ValidateConfig, skip=("gates",)), **field_types(Gates)}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def _entries(doc: dict, defaults: dict, problems: list[str]) -> list[tuple[str, 
     return entries
 
 
-_NAME_DEFAULTS = {"delegate": "xnnpack", "quant": "8da4w"}  # BuildConfig's, so names can use them
+_NAME_DEFAULTS = {"delegate": BuildConfig.delegate, "quant": QuantConfig.scheme}  # so names can use them
 
 
 def _list(doc: dict, key: str, problems: list[str]) -> list:
@@ -179,17 +179,12 @@ def _check_keys(label: str, mapping: dict, allowed, problems: list[str]) -> None
             problems.append(f"{label}: unknown key '{key}'")
 
 
-def _check_types(label: str, mapping: dict, types: dict, problems: list[str]) -> bool:
+def _check_types(label: str, mapping: dict, types: dict[str, FieldType], problems: list[str]) -> bool:
     ok = True
     for key, value in mapping.items():
         want = types.get(key)
-        if want is None:
-            continue
-        bad_bool = isinstance(value, bool) and bool not in want
-        if bad_bool or not isinstance(value, want) or (key == "eos_ids" and not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            names = " or ".join(t.__name__ for t in want) + (" of ints" if key == "eos_ids" else "")
-            problems.append(f"{label}: key '{key}' must be {names}, but got {value!r}")
+        if want is not None and not want.accepts(value):
+            problems.append(f"{label}: key '{key}' must be {want.describe()}, but got {value!r}")
             ok = False
     return ok
 
@@ -198,7 +193,7 @@ def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str
     label = f"target '{name}'"
     _check_keys(label, fields_, TARGET_KEYS, problems)
     build_fields = {k: v for k, v in fields_.items() if k in FIELDS}
-    ok = _check_types(label, build_fields, {k: t for k, (t, _, _) in FIELDS.items()}, problems)
+    ok = _check_types(label, build_fields, {k: f.type for k, f in FIELDS.items()}, problems)
     out = fields_.get("out", name)
     if not isinstance(out, str) or not out:
         problems.append(f"{label}: key 'out' must be a non-empty relative path")
@@ -227,13 +222,13 @@ def _validate_config(label: str, value, path: Path, problems: list[str]) -> Vali
     if not isinstance(value, dict):
         problems.append(f"{label}: key 'validate' must be a mapping of gates")
         return None
-    _check_keys(f"{label} validate", value, _VALIDATE_TYPES, problems)
-    known = {k: v for k, v in value.items() if k in _VALIDATE_TYPES}
-    if not _check_types(f"{label} validate", known, _VALIDATE_TYPES, problems):
+    _check_keys(f"{label} validate", value, VALIDATE_FIELDS, problems)
+    known = {k: v for k, v in value.items() if k in VALIDATE_FIELDS}
+    if not _check_types(f"{label} validate", known, VALIDATE_FIELDS, problems):
         return None
     gates = Gates(**{k: float(v) for k, v in known.items() if k in _GATE_KEYS})
     options = {k: v for k, v in known.items() if k not in _GATE_KEYS}
-    for key in ("reference", "text"):
+    for key in (k for k, t in VALIDATE_FIELDS.items() if t.base is Path):  # reference, text
         if key in options:
             options[key] = _beside(path, options[key])
     try:

@@ -1,5 +1,5 @@
-"""Quieting libraries. Native ones: ExecuTorch's runtime and runner and pytorch-tokenizers log from C++
-to the process's file descriptors, and ExecuTorch's bindings also route their logs to Python's
+"""Native code: registering ExecuTorch's LLM custom ops, and quieting libraries. Native ones:
+ExecuTorch's runtime and runner and pytorch-tokenizers log from C++ to the process's file descriptors, and ExecuTorch's bindings also route their logs to Python's
 sys.stderr."""
 
 from __future__ import annotations
@@ -70,3 +70,8 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
         pass
+
+
+def load_custom_ops() -> None:
+    """Register llama::update_cache / llama::custom_sdpa (eager kernels and export meta functions)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401

@@ -6,7 +6,7 @@ is at hand) with the fp32 reference model's: matched-prefix agreement and the fi
 Speed: the device's load time, time to first token, prefill and decode tok/s (median, min, max
 over repeats), peak RSS of the runner process, thermal zones before and after.
 
-ssh devices run runner/device_runner.py (ExecuTorch's pybind runtime, token ids in and out; the
+ssh devices run aot/runner/device_runner.py (ExecuTorch's pybind runtime, token ids in and out; the
 host baseline runs the same code). Android runs ExecuTorch's native llama_main (text in and out,
 stats from its PyTorchObserver line); its host baseline is ExecuTorch's same C++ runner through
 its Python bindings (StockEngine).
@@ -22,11 +22,19 @@ from pathlib import Path
 import torch
 
 from aot.bundle import Bundle
-from aot.files import sha256_file
+from aot.devices import open_device, quote
+from aot.devices.adb import DEVICE_ROOT, generated_text, parse_observer, require_runner, runner_command
 from aot.errors import ConfigError, DeviceError
+from aot.families.text.checkpoint import open_checkpoint
+from aot.families.text.family import TextFamily
+from aot.files import sha256_file
 from aot.native import native_output_silenced
-
 from aot.runner import device_runner
+from aot.runner.engines import StockEngine
+from aot.runner.text import TokenBytes
+from aot.speed import summary
+from aot.tokenizer import load_tokenizer
+from aot.validate import junit_suite
 
 RUNNER_SCRIPT = Path(device_runner.__file__)  # the one file copied to ssh devices
 DEFAULT_MIN_AGREEMENT = 1.0  # the same program on the same ISA family: greedy tokens should match
@@ -78,11 +86,6 @@ def agreement(expected: list[int], got: list[int]) -> tuple[float, int | None]:
 
 def reference_continuations(bundle: Bundle, reference: Path | None, prompts: list[list[int]], n: int) -> tuple[dict | None, list | None]:
     """Greedy continuations of the fp32 reference checkpoint (None when there is none to use)."""
-    from aot.checkpoint import open_checkpoint
-    from aot.config import BuildConfig
-    from aot.pipeline import load_model, resolve_source
-    from aot.quant import QuantConfig
-
     recorded = bundle.manifest.get("checkpoint")
     path = reference or (Path(recorded["path"]) if recorded else None)
     if path is None or not Path(path).exists():
@@ -91,9 +94,7 @@ def reference_continuations(bundle: Bundle, reference: Path | None, prompts: lis
     if ckpt.prequantized is not None:
         return None, None
     context = max(len(p) for p in prompts) + n
-    cfg = BuildConfig(out=bundle.root, checkpoint=ckpt.path, tokenizer=bundle.tokenizer, quant=QuantConfig(scheme="none"),
-                      max_seq_len=max(len(p) for p in prompts), max_context_len=context)
-    model = load_model(resolve_source(cfg, cfg.quant.plan()), cfg)
+    model = TextFamily().reference(ckpt, context)
     eos = set(bundle.manifest.get("eos_ids", []))
     out = []
     with torch.no_grad(), native_output_silenced():
@@ -113,14 +114,9 @@ def reference_continuations(bundle: Bundle, reference: Path | None, prompts: lis
 
 
 def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference: Path | None, stages) -> dict:
-    from aot.devices import open_device
-    from aot.tokenizer import load_tokenizer
-
     bundle.require_host_runnable()
     bundle.require_text_runner("--device validation (llama_main, device_runner.py)")
     if cfg.device.startswith("adb"):
-        from aot.devices.adb import require_runner
-
         require_runner(cfg.runner)  # a config error before any device is touched
     with stages.stage("connect", cfg.device):
         device = open_device(cfg.device, cfg.ssh_options, cfg.adb, min(cfg.timeout, 60))
@@ -209,8 +205,6 @@ def _push_if_changed(device, local: Path, remote: str) -> bool:
 
 
 def _run_ssh(bundle: Bundle, device, cfg: DeviceConfig, request: dict, stages) -> tuple[dict, dict]:
-    from aot.devices import quote
-
     directory = _remote_dir(bundle, ".cache/aot")
     with stages.stage("push", device.name):
         done = device.run(f"mkdir -p {quote(directory)}")
@@ -249,11 +243,6 @@ def _run_ssh(bundle: Bundle, device, cfg: DeviceConfig, request: dict, stages) -
 
 
 def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stages):
-    from aot.devices import quote
-    from aot.devices.adb import DEVICE_ROOT, generated_text, parse_observer, runner_command
-    from aot.runner.engines import StockEngine
-    from aot.runner.text import TokenBytes
-
     runner_path = Path(cfg.runner).expanduser()
     token_bytes = TokenBytes(bundle.tokenizer)
     texts = [token_bytes(p[1:]).decode("utf-8", errors="ignore") for p in prompts]
@@ -280,7 +269,6 @@ def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stag
                 stats.append(parse_observer(done.stdout))
                 if repeat == 0:
                     tokens.append(encode(generated_text(done.stdout, prompt)))
-    from aot.speed import summary
 
     speed = {
         "load_s": stats[0]["load_s"],
@@ -296,8 +284,6 @@ def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stag
 
 def junit_xml(result: dict) -> str:
     """One testcase per device x prompt x check (and per speed gate)."""
-    from aot.validate import junit_suite
-
     device = result["device"].get("name", "device")
     properties = {f"device.{k}": v for k, v in result["device"].items() if not isinstance(v, dict)}
     for key, value in (result["speed"] or {}).items():

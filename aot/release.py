@@ -7,8 +7,6 @@ its input key (config, input file hashes, toolchain) is unchanged.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import multiprocessing
 import os
@@ -16,13 +14,21 @@ import re
 import shlex
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
+from aot.backends import get_backend
 from aot.bundle import BUNDLE_JSON, PTE_NAME, open_bundle, read_bundle
 from aot.errors import AotError, ConfigError, OutputError, TargetLocked, TargetsFailed
+from aot.files import sha256_file, write_atomically
 from aot.manifest import Manifest, Target
+from aot.native import quiet_libraries
+from aot.pipeline import build, fingerprint, versions
+from aot.progress import Stages
+from aot.validate import validate
 
 RELEASE_JSON = "release.json"
 LOCKS = ".aot-locks"
@@ -69,32 +75,41 @@ def _prepare_root(root: Path) -> None:
 
 @contextmanager
 def target_lock(root: Path, name: str):
-    """An exclusive lock per target, so concurrent runs on one output root never interleave."""
+    """An exclusive lock per target, so concurrent runs on one output root never interleave.
+
+    filelock's native lock (flock) on <root>/.aot-locks/<name>.lock, never waited for: a second
+    process (or a second hold in this one) is refused at once, told the holder's pid, which the
+    holder writes into the lock file. The kernel drops the lock when its holder dies.
+    """
     path = root / LOCKS / f"{name}.lock"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise TargetLocked(f"target '{name}' is being built by {owner}; wait for it or pick other targets")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = FileLock(path, timeout=0, on_acquired=_write_owner)  # on_acquired: native flock only
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TargetLocked(f"target '{name}' is being built by {_owner(path)}; "
+                           "wait for it or pick other targets") from None
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            path.write_text("")  # while still held: a later refusal never names a finished process
+        lock.release()
+
+
+def _write_owner(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+
+
+def _owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:  # released (and removed) meanwhile
+        return "another process"
 
 
 def run_target(root: Path, target: Target, rebuild: bool, quiet: bool) -> dict:
     """Worker: build one target unless it is up to date. Never raises for user errors."""
-    from aot.native import quiet_libraries
-    from aot.pipeline import build, fingerprint
-    from aot.progress import Stages
-
     quiet_libraries(debug=False)
     start = time.perf_counter()
     out = root / target.out
@@ -132,13 +147,16 @@ def failures(results: list[dict]) -> list[dict]:
     return [r for r in results if r["status"] not in ("built", "skipped")]
 
 
-def raise_if_failed(results: list[dict]) -> None:
+def raise_if_failed(results: list[dict], result_printed: bool = False) -> None:
+    """TargetsFailed naming each failed target; `result_printed`: the --json result says it already."""
     bad = failures(results)
     if bad:
-        raise TargetsFailed(
+        error = TargetsFailed(
             f"{len(bad)} of {len(results)} targets failed: "
             + "; ".join(f"{r['name']}: {r['error']['message']}" for r in bad)
         )
+        error.result_printed = result_printed
+        raise error
 
 
 def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: bool = False) -> dict:
@@ -147,8 +165,6 @@ def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: boo
     The index is written only when every target built and every gate held, so a release.json
     on disk always describes a complete, validated release.
     """
-    from aot.progress import Stages
-    from aot.validate import validate
 
     results = build_targets(manifest, jobs=jobs, rebuild=rebuild, quiet=quiet)
     raise_if_failed(results)
@@ -164,7 +180,7 @@ def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: boo
         entries.append({
             "name": target.name,
             "bundle": target.out,
-            "bundle_json_sha256": _sha256(bundle.root / BUNDLE_JSON),
+            "bundle_json_sha256": sha256_file(bundle.root / BUNDLE_JSON),
             "files": m["files"],
             "model": m["model"]["name"], "quant": m["quant"]["scheme"], "delegate": m["delegate"],
             "input_key": m["build"]["input_key"],
@@ -173,7 +189,6 @@ def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: boo
         })
     if failed_gates:
         raise TargetsFailed("validation gates failed, no release.json written: " + "; ".join(failed_gates))
-    from aot.pipeline import versions
 
     index = {
         "format": "aot-release",
@@ -183,18 +198,8 @@ def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: boo
         "versions": versions(),
         "targets": entries,
     }
-    _write_json(manifest.root / RELEASE_JSON, index)
+    write_atomically(manifest.root / RELEASE_JSON, json.dumps(index, indent=2) + "\n")
     return {**index, "path": str(manifest.root / RELEASE_JSON)}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None, devices: tuple[str, ...] = (),
@@ -204,7 +209,6 @@ def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None, 
     needs its target's build job; NPU bundles run with their vendor runtime and are left out)."""
     if fmt not in ("json", "github"):
         raise ConfigError(f"--format must be json or github, but got '{fmt}'")
-    from aot.backends import get_backend
 
     jobs = []
     for t in manifest.targets:

@@ -2,7 +2,7 @@
 
 Before touching a device (or without the vendor SDK at all), a team can see what the recipe costs
 in accuracy: the model as the device runs it (static prefill and decode graphs sharing the KV cache,
-aot.npu), the delegate's PT2E quantizer (QnnQuantizer or NeuropilotQuantizer), calibration on text,
+aot.backends.static), the delegate's PT2E quantizer (QnnQuantizer or NeuropilotQuantizer), calibration on text,
 convert, then the same metrics as `aot validate` against the fp32 model on held-out text: the first
 --prefill-len tokens in one prefill call, the rest one decode call each.
 
@@ -18,16 +18,22 @@ from pathlib import Path
 
 import torch
 
+from aot.backends import get_backend
+from aot.backends.static import export_static, quantize_static, windows_from
+from aot.config import delegate_errors
 from aot.errors import ConfigError
+from aot.families.text.family import TextFamily
 from aot.native import native_output_silenced
-from aot.npu import export_static, quantize_static, windows_from
+from aot.texts import DEMO_CHECKPOINT, text_file
+from aot.tokenizer import find_tokenizer, load_tokenizer, tokenizer_info
+from aot.validate import compare
 
 
 @dataclass(frozen=True)
 class SimulateConfig:
     delegate: str
-    checkpoint: Path
-    scheme: str
+    checkpoint: Path | None = None  # --model demo: the embedded demo model
+    scheme: str = "16a4w"  # the NPU delegates' first (qnn, mediatek)
     text: Path | None = None
     calibration: Path | None = None
     max_tokens: int = 256
@@ -36,16 +42,16 @@ class SimulateConfig:
     prefill_len: int | None = None  # default: half of max_tokens
     kv_bits: int | None = None
     soc: str | None = None  # recorded; the simulation is the same for every chip
+    model: str | None = None  # only "demo" (the embedded model) stands in for --checkpoint
+
+    def __post_init__(self):
+        if self.checkpoint is None:
+            if self.model != "demo":
+                raise ConfigError("give --checkpoint DIR, or --model demo for the embedded demo model")
+            object.__setattr__(self, "checkpoint", DEMO_CHECKPOINT)
 
 
 def simulate(cfg: SimulateConfig, stages) -> dict:
-    from aot.backends import get_backend
-    from aot.config import BuildConfig, delegate_errors
-    from aot.pipeline import load_model, resolve_source
-    from aot.quant import QuantConfig
-    from aot.tokenizer import load_tokenizer
-    from aot.validate import compare, text_file
-
     backend = get_backend(cfg.delegate)
     if not backend.static_shapes:
         raise ConfigError(f"--delegate {backend.name}: nothing to simulate, its bundles run here; use `aot validate`")
@@ -61,16 +67,17 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
     text, calib = text_file(cfg.text), text_file(cfg.calibration or cfg.text)
 
     with stages.stage("load", "fp32"):
-        build = BuildConfig(out=Path("unused"), checkpoint=cfg.checkpoint, quant=QuantConfig(scheme="none"),
-                            max_seq_len=n, max_context_len=n, full_logits=True)
-        src = resolve_source(build, build.quant.plan())
-        if src.tokenizer is None:
+        family = TextFamily()
+        ckpt = family.reference_checkpoint(cfg.checkpoint)
+        tok_path = find_tokenizer(ckpt.path, None)
+        if tok_path is None:
             raise ConfigError(f"--checkpoint {cfg.checkpoint}: has no tokenizer to read --text with")
-        tok, _ = load_tokenizer(src.tokenizer.path)
-        model = load_model(src, build)
+        info = tokenizer_info(tok_path, ckpt.path if ckpt.layout == "hf" else None)
+        tok, _ = load_tokenizer(info.path)
+        model = family.reference(ckpt, n, full_logits=True)
 
         def encode(path: Path) -> list[int]:
-            return [src.bos_id] + list(tok.encode(path.read_text(errors="replace"), 0, 0))
+            return [info.bos_id] + list(tok.encode(path.read_text(errors="replace"), 0, 0))
 
         ids = encode(text)[:n]
         if len(ids) < n:
@@ -95,7 +102,7 @@ def simulate(cfg: SimulateConfig, stages) -> dict:
         "group_size": cfg.group_size if cfg.scheme.endswith("-block") else None,
         "kv_bits": cfg.kv_bits,
         "prefill_len": P,
-        "checkpoint": str(src.checkpoint.path),
+        "checkpoint": str(ckpt.path),
         "text": {"file": str(text), "tokens": len(ids)},
         "calibration": {"file": str(calib), "windows": len(windows), "tokens_each": n},
         "accuracy": compare(ref, got, target),

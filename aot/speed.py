@@ -8,6 +8,8 @@ import time
 
 from aot.bundle import Bundle
 from aot.errors import ConfigError
+from aot.progress import peak_rss_mib, reset_peak_rss
+from aot.runner.engines import StockEngine
 
 
 def summary(values: list[float]) -> dict:
@@ -24,9 +26,6 @@ def summary(values: list[float]) -> dict:
 def measure_speed(bundle: Bundle, ids: list[int], token_bytes, prompt_tokens: int, decode_tokens: int,
                   repeats: int, warmup: int = 0) -> dict:
     """ids: tokenized text (BOS first) to cut the prompt from; token_bytes: id -> bytes."""
-    from aot.progress import peak_rss_mib, reset_peak_rss
-    from aot.runner.engines import StockEngine
-
     context = bundle.manifest["export"]["max_context_len"]
     n_prompt = min(prompt_tokens, context - decode_tokens - 1, len(ids) - 1)
     if n_prompt < 1:

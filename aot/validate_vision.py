@@ -4,7 +4,7 @@ Each pair is `<|begin_of_text|><|image|>` + the first --prompt-tokens tokens of 
 image: a few generated here (no downloads; `aot.validate_vision.test_images`, sized to fill 1, 2,
 3 and 4 tiles) or the user's --image files. For every pair the bundle is scored teacher-forced
 (ExecuTorch runtime, one token per call over the KV cache) and so is the reference checkpoint
-(aot.mllama, fp32 eager): the same perplexity ratio, mean KL, top-1 agreement and max logit error
+(aot.families.vision, fp32 eager): the same perplexity ratio, mean KL, top-1 agreement and max logit error
 as text bundles. The reference is also run without the image (the same text, no <|image|>), and
 the report says how far that moves it: the "image_matters" gate fails a bundle whose distance to
 the reference is not well below the distance of a model that never saw the image.
@@ -20,8 +20,16 @@ import numpy as np
 import torch
 
 from aot.bundle import Bundle
-from aot.errors import ConfigError
+from aot.errors import CheckpointError, ConfigError
+from aot.families.vision.checkpoint import args_from_hf_config
+from aot.families.vision.family import VisionFamily
+from aot.families.vision.image import preprocess
+from aot.families.vision.model import zero_image_state
+from aot.files import sha256_file
+from aot.metrics import check_gates, compare_rows
 from aot.native import native_output_silenced
+from aot.runner.mllama import VisionEngine, load_image
+from aot.texts import text_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -55,10 +63,6 @@ def test_images(tile: int) -> list[tuple[str, "Image.Image"]]:
 
 
 def validate_vision(bundle: Bundle, cfg, stages, images: list[Path] | None = None) -> dict:
-    from aot.runner.mllama import VisionEngine, load_image
-    from aot.runner.vision import preprocess
-    from aot.validate import check_gates, compare_rows, text_file
-
     source = text_file(cfg.text)
     with stages.stage("load bundle"):
         engine = VisionEngine(bundle)
@@ -121,9 +125,6 @@ def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def reference_model(bundle: Bundle, reference: Path | None):
-    from aot.files import sha256_file
-    from aot.mllama import args_from_hf_config, load_hf
-
     recorded = bundle.manifest.get("checkpoint")
     if reference is None:
         if not recorded:
@@ -132,21 +133,17 @@ def reference_model(bundle: Bundle, reference: Path | None):
     reference = Path(reference).expanduser()
     args = args_from_hf_config(reference / "config.json")
     if json.loads(json.dumps(args.to_dict())) != bundle.manifest["model"]["args"]:
-        from aot.errors import CheckpointError
-
         raise CheckpointError(f"--reference {reference} is a different model from the one {bundle.root} was built "
                               "from; give the checkpoint the bundle was built from")
     inputs = bundle.manifest.get("inputs", {})
     files = sorted(reference.glob("*.safetensors"))
     same = all(inputs.get(str(f), {}).get("sha256") == sha256_file(f) for f in files)
-    model = load_hf(reference, bundle.manifest["export"]["max_context_len"])
+    model = VisionFamily().reference(reference, bundle.manifest["export"]["max_context_len"])
     return {"checkpoint": str(reference), "layout": "hf", "is_build_input": same}, model
 
 
 def eager_logits(model, ids: list[int], image: dict | None, engine) -> torch.Tensor:
     """The reference's logits at every position, [len(ids), vocab]: one forward over all of ids."""
-    from aot.mllama import zero_image_state
-
     model.text.reset_cache()
     with torch.no_grad(), native_output_silenced():
         if image is None:

@@ -46,7 +46,7 @@ def run_measured(cmd: list[str], log: Path, cwd: Path = ROOT) -> dict:
 
 def write_params(model: str, path: Path) -> None:
     """Meta params.json for export_llm's base.params (the registry's sizes)."""
-    from aot.model import MODELS
+    from aot.families.text.model import MODELS
 
     a = MODELS[model]
     params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,

@@ -11,7 +11,7 @@ sets its parallelism. Build the matching bundle with
 `.venv/bin/aot build --model 1b --random-weights --seed 0 --quant 8da4w --out build/1b-random`.)
 
 The GGUF. Each weight is drawn exactly as `aot build --random-weights --seed S` draws it
-(aot.model.random_init_: one generator per parameter, so they are drawn and written one at a time,
+(aot.families.text.model.random_init_: one generator per parameter, so they are drawn and written one at a time,
 never the whole fp32 model at once) and written with gguf-py as arch "llama", the way
 convert_hf_to_gguf.py writes a Llama 3.2 checkpoint: hyperparameters, the llama3 rope scaling as a
 `rope_freqs` tensor of per-frequency divisors, tied embeddings as token_embd alone. First an F16
@@ -23,7 +23,7 @@ GGUF (F16 matrices, F32 norms), then Q4_0:
   --quantizer gguf-py: Q4_0 for every matrix, token_embd included (gguf.quants.quantize), written
     directly.
 q/k are written as aot holds them, unpermuted: aot's model uses Meta's interleaved rotary pairs
-(aot/model.py apply_rope), which LLM_ARCH_LLAMA computes (rope type NORM); HF checkpoints are
+(aot/families/text/model.py apply_rope), which LLM_ARCH_LLAMA computes (rope type NORM); HF checkpoints are
 half-split, and convert_hf_to_gguf.py permutes their q/k back to this layout. The tokenizer is
 llama.cpp's "none" model with `llama.vocab_size` dummy tokens: token ids go in, no text. aot.* keys
 record the model, layers and seed, which --gguf checks before reusing a file.
@@ -104,7 +104,7 @@ def tools():
 
 
 def model_args(name: str, layers: int | None):
-    from aot.model import MODELS
+    from aot.families.text.model import MODELS
 
     if name not in MODELS:
         sys.exit(f"unknown --model {name!r}; one of {', '.join(MODELS)}")
@@ -140,7 +140,7 @@ class RandomWeights:
     each parameter's generator by its name, so this gives the build's values)."""
 
     def __init__(self, args, seed: int):
-        from aot.model import Transformer
+        from aot.families.text.model import Transformer
 
         with torch.device("meta"):
             self.model = Transformer(args, 1)
@@ -150,7 +150,7 @@ class RandomWeights:
             self.shapes["output.weight"] = self.shapes["tok_embeddings.weight"]
 
     def get(self, name: str) -> np.ndarray:
-        from aot.model import random_init_
+        from aot.families.common import random_init_
 
         module_name, _, pname = name.rpartition(".")
         module = self.model.get_submodule(module_name)
@@ -164,7 +164,7 @@ class RandomWeights:
 def rope_factors(args) -> np.ndarray | None:
     """llama3 rope scaling as llama.cpp takes it: per-frequency divisors of the base frequencies
     (convert_hf_to_gguf.py's rope_freqs tensor), here from aot's own scaling."""
-    from aot.model import _llama3_scale
+    from aot.families.common import llama3_scale as _llama3_scale
 
     if args.rope_scaling is None:
         return None
@@ -200,7 +200,7 @@ def write_gguf(path: Path, model: str, args, seed: int, quantizer: str) -> None:
     w.add_value_length(args.head_dim)
     w.add_tokenizer_model("none")  # llama.vocab_size dummy tokens; ids in, no text
     # Which weights these are, checked when --gguf reuses the file.
-    w.add_string("aot.model", model)
+    w.add_string("aot.families.text.model", model)
     w.add_uint32("aot.n_layers", args.n_layers)
     w.add_int64("aot.seed", seed)
     w.add_string("aot.quantizer", quantizer)
@@ -266,7 +266,7 @@ def gguf_info(path: Path) -> dict:
     tied = "output.weight" not in tensor_bytes
     embd = r.tensors[[t.name for t in r.tensors].index("token_embd.weight")]
     return {
-        "model": field("aot.model"),
+        "model": field("aot.families.text.model"),
         "n_layers": field("aot.n_layers"),
         "seed": field("aot.seed"),
         "quantizer": field("aot.quantizer"),
@@ -333,7 +333,8 @@ class LlamaCpp:
 def reference_logits(args, seed: int, ids: list[int], n_prompt: int) -> np.ndarray:
     """aot's fp32 Transformer on the build's random weights (as pipeline.load_model makes it):
     logits at positions n_prompt - 1 ... len(ids) - 1."""
-    from aot.model import Transformer, random_init_
+    from aot.families.common import random_init_
+    from aot.families.text.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(args, len(ids), full_logits=True)
@@ -365,7 +366,7 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="1b", help="aot.model.MODELS name [1b].")
+    ap.add_argument("--model", default="1b", help="aot.families.text.model.MODELS name [1b].")
     ap.add_argument("--layers", type=int, help="Override n_layers (e.g. 2: 1B widths, a quick test).")
     ap.add_argument("--seed", type=int, default=0, help="Seed of --random-weights [0].")
     ap.add_argument("--prompt", type=int, default=128)

@@ -1,6 +1,6 @@
 """The Llama 3.2 Vision image encoder at its real size (ViT-H/14, 1280 wide, 4 tiles of 560 px):
 the memory ExecuTorch plans for one image's encoder pass, and the time per image, with attention
-over all 6432 patch rows at once and in query chunks (aot.mllama.VISION_ATTENTION_CHUNK).
+over all 6432 patch rows at once and in query chunks (aot.families.vision.model.VISION_ATTENTION_CHUNK).
 
     .venv/bin/python bench/vision_encoder.py                    # 2 local + 1 global layers, chunk 0/1024/512
     .venv/bin/python bench/vision_encoder.py --layers 32 --global-layers 8 --chunks 1024   # the whole encoder
@@ -38,9 +38,10 @@ def current_rss_mib() -> float:
 def measure(layers: int, global_layers: int, chunk: int, quant: str, repeats: int) -> dict:
     import torch
 
-    from aot import mllama
+    from aot.families.vision import model as mllama
+    from aot.families.vision.family import example_inputs
     from aot.config import QuantConfig
-    from aot.model import random_init_
+    from aot.families.common import random_init_
     from aot.pipeline import lower, to_executorch
     from aot.backends import get_backend
     from aot.quant import apply_plan
@@ -58,7 +59,7 @@ def measure(layers: int, global_layers: int, chunk: int, quant: str, repeats: in
     plan = QuantConfig(scheme=quant).plan()
     if quant != "none":
         apply_plan(encoder, plan, output_name="-")
-    inputs, _ = mllama.example_inputs(args)
+    inputs, _ = example_inputs(args)
     t0 = time.perf_counter()
     program = {"vision_encoder": torch.export.export(encoder, inputs, strict=False)}
     backend = get_backend("xnnpack")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from aot.checkpoint import unpermute_rotary
+from aot.families.text.checkpoint import unpermute_rotary
 
 VOCAB = 1024
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]

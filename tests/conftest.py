@@ -21,6 +21,21 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 SEQ, CTX = 16, 64
 
 
+# ---- tiers (pyproject declares the markers; `make test-fast` runs -m "not slow") ---------------
+# A test that requests a fixture whose name contains "bundle" builds (or shares) a lowered bundle:
+# it is e2e. Every e2e test lowers a model, so it is also slow. Tests that build inline mark
+# themselves e2e (or slow, when they take seconds without lowering); oracle tests mark themselves.
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any("bundle" in name for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def run_cli(*args: str):
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import checkpoints
@@ -18,6 +19,7 @@ def forward(bundle: dict):
     return PteProgram(Path(bundle["path"]) / PTE_NAME).forward()
 
 
+@pytest.mark.oracle
 def test_fp32_pte_matches_transformers(bundle_fp32, hf_ckpt):
     """Chunked prefill, then one token per call, against transformers' full-sequence logits."""
     ref = hf_logits(hf_ckpt)[0]
@@ -34,6 +36,7 @@ def test_meta_and_hf_layouts_build_the_same_program(bundle_fp32, bundle_fp32_met
     assert bundle_fp32_meta["checkpoint"]["layout"] == "meta"
 
 
+@pytest.mark.oracle
 def test_stock_runner_generates_transformers_greedy_tokens(bundle_fp32, hf_ckpt):
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     from tokenizers import Tokenizer
@@ -79,7 +82,7 @@ def test_8da4w_pte_matches_eager_quantized_model(bundle_8da4w, hf_ckpt):
 
 def test_8da4w_is_smaller_by_the_expected_ratio(bundle_fp32, bundle_8da4w):
     from aot.quant import estimate_weight_bytes
-    from aot.model import ModelArgs
+    from aot.families.text.model import ModelArgs
 
     args = ModelArgs.from_dict(bundle_fp32["model"]["args"])
     plan = bundle_8da4w["quant"]["plan"]
@@ -144,6 +147,8 @@ def test_inspect_verifies_and_refuses_tampered_bundles(bundle_8da4w, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1  # inspect prints no progress
 
 
+@pytest.mark.e2e
+@pytest.mark.oracle
 def test_bf16_bundle_runs_close_to_fp32(hf_ckpt, tmp_path):
     from conftest import _build
 
@@ -155,6 +160,7 @@ def test_bf16_bundle_runs_close_to_fp32(hf_ckpt, tmp_path):
     assert got.argmax().item() == ref.argmax().item()
 
 
+@pytest.mark.e2e
 def test_8da8w_with_4bit_embedding_and_output_matches_eager(hf_ckpt, tmp_path):
     from conftest import _build
     from aot.quant import QuantConfig, apply_plan

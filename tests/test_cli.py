@@ -169,3 +169,107 @@ def test_doctor_json():
     assert report["delegates"]["xnnpack"]["available"] is True
     assert report["versions"]["executorch"] == "1.5.1"
     assert report["host"]["cores"] >= 1
+
+
+# ---- defaults live in the config dataclasses; the CLI shows and passes theirs -------------------
+
+HELP_DEFAULTS = [  # (command, flag, "module:Class.field")
+    (["validate"], "--device-python", "aot.ondevice:DeviceConfig.python"),
+    (["validate"], "--device-timeout", "aot.ondevice:DeviceConfig.timeout"),
+    (["validate"], "--device-prompts", "aot.ondevice:DeviceConfig.prompts"),
+    (["validate"], "--device-prompt-tokens", "aot.ondevice:DeviceConfig.prompt_tokens"),
+    (["validate"], "--new-tokens", "aot.ondevice:DeviceConfig.new_tokens"),
+    (["validate"], "--min-device-agreement", "aot.ondevice:DeviceConfig.min_agreement"),
+    (["farm", "package"], "--repeats", "aot.ondevice:DeviceConfig.repeats"),
+    (["simulate"], "--quant", "aot.simulate:SimulateConfig.scheme"),
+    (["simulate"], "--group-size", "aot.simulate:SimulateConfig.group_size"),
+    (["simulate"], "--max-tokens", "aot.simulate:SimulateConfig.max_tokens"),
+    (["simulate"], "--calibration-windows", "aot.simulate:SimulateConfig.calibration_windows"),
+    (["run"], "--max-new-tokens", "aot.generate:RunConfig.max_new_tokens"),
+    (["run"], "--temperature", "aot.generate:RunConfig.temperature"),
+    (["bench"], "--prompt-tokens", "aot.generate:BenchConfig.prompt_tokens"),
+    (["bench"], "--repeats", "aot.generate:BenchConfig.repeats"),
+]
+
+
+@pytest.mark.parametrize("command, flag, where", HELP_DEFAULTS, ids=[f"{c[-1]} {f}" for c, f, _ in HELP_DEFAULTS])
+def test_help_shows_the_dataclass_default(monkeypatch, command, flag, where):
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "200")
+    module, _, attr = where.partition(":")
+    cls, _, name = attr.partition(".")
+    value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
+    line = next(ln for ln in run_cli(*command, "--help").stdout.splitlines() if f" {flag} " in ln)
+    assert f"[default: {value}]" in line, line
+
+
+def test_left_out_flags_take_the_dataclass_defaults(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import aot.benchmark
+    import aot.farm
+    import aot.gates
+    import aot.generate
+    import aot.simulate
+    from aot.generate import RunConfig
+    from aot.ondevice import DeviceConfig
+    from aot.simulate import SimulateConfig
+    from aot.texts import DEMO_CHECKPOINT
+    from aot.validate import ValidateConfig
+
+    seen = {}
+    monkeypatch.setattr(aot.gates, "validate_bundle", lambda path, cfg, device, stages, images=None, junit=None:
+                        seen.update(validate=(cfg, device)) or {"ok": True, "gates": []})
+    assert run_cli("validate", "b", "--device", "ssh://board", "--json").exit_code == 0
+    assert seen["validate"] == (ValidateConfig(), DeviceConfig(device="ssh://board"))
+    assert run_cli("validate", "b", "--json").exit_code == 0
+    assert seen["validate"] == (ValidateConfig(), None)
+
+    monkeypatch.setattr(aot.generate, "generate", lambda path, prompt, cfg, on_text:
+                        seen.update(run=cfg) or SimpleNamespace(to_dict=dict))
+    assert run_cli("run", "b", "--prompt", "hi", "--json").exit_code == 0
+    assert seen["run"] == RunConfig()
+
+    monkeypatch.setattr(aot.benchmark, "bench_bundle", lambda *a: seen.update(bench=a[1:4]) or {})
+    assert run_cli("bench", "b", "--json").exit_code == 0
+    b = aot.generate.BenchConfig()
+    assert seen["bench"] == (b.prompt_tokens, b.decode_tokens, b.repeats)
+
+    monkeypatch.setattr(aot.simulate, "simulate", lambda cfg, stages: seen.update(simulate=cfg) or {})
+    assert run_cli("simulate", "--delegate", "qnn", "--model", "demo", "--json").exit_code == 0
+    assert seen["simulate"] == SimulateConfig(delegate="qnn", model="demo")
+    assert seen["simulate"].checkpoint == DEMO_CHECKPOINT
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("version: 1\ntargets: [{name: a, model: demo}]\n")
+    monkeypatch.setattr(aot.farm, "package", lambda *a: seen.update(farm=a[4:9]) or {})
+    assert run_cli("farm", "package", "--manifest", manifest, "--out", tmp_path / "p", "--json").exit_code == 0
+    d = DeviceConfig(device="farm")
+    assert seen["farm"] == (d.prompts, d.prompt_tokens, d.new_tokens, d.repeats, d.min_agreement)
+
+
+BRACKETED = [  # defaults written into help text as "[value]": they must stay the dataclasses'
+    (["build"], "--seed", "aot.config:BuildConfig.seed"),
+    (["build"], "--group-size", "aot.quant:QuantConfig.group_size"),
+    (["build"], "--max-seq-len", "aot.config:BuildConfig.max_seq_len"),
+    (["build"], "--max-context-len", "aot.config:BuildConfig.max_context_len"),
+    (["build"], "--quant", "aot.quant:QuantConfig.scheme"),
+    (["validate"], "--max-tokens", "aot.validate:ValidateConfig.max_tokens"),
+    (["validate"], "--prompt-tokens", "aot.validate:ValidateConfig.prompt_tokens"),
+    (["validate"], "--decode-tokens", "aot.validate:ValidateConfig.decode_tokens"),
+    (["validate"], "--repeats", "aot.validate:ValidateConfig.repeats"),
+    (["simulate"], "--group-size", "aot.simulate:SimulateConfig.group_size"),
+]
+
+
+@pytest.mark.parametrize("command, flag, where", BRACKETED, ids=[f"{c[-1]} {f}" for c, f, _ in BRACKETED])
+def test_help_text_defaults_are_the_dataclasses(monkeypatch, command, flag, where):
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "250")
+    module, _, attr = where.partition(":")
+    cls, _, name = attr.partition(".")
+    value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
+    line = next(ln for ln in run_cli(*command, "--help").stdout.splitlines() if f" {flag} " in ln)
+    assert f"[{value}]" in line, line

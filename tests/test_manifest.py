@@ -51,6 +51,7 @@ def statuses(payload: dict) -> dict:
     return {t["name"]: t["status"] for t in payload["targets"]}
 
 
+@pytest.mark.e2e
 def test_build_skip_rebuild_and_reproduce(hf_ckpt, tmp_path):
     root = tmp_path / "out"
     manifest = two_targets(tmp_path, hf_ckpt)
@@ -89,6 +90,7 @@ def test_build_skip_rebuild_and_reproduce(hf_ckpt, tmp_path):
     assert not (root / "release.json").exists()
 
 
+@pytest.mark.e2e
 def test_failing_target_does_not_stop_the_others_unless_fail_fast(hf_ckpt, tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(f"""

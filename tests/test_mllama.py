@@ -1,4 +1,4 @@
-"""aot/mllama.py against transformers' MllamaForConditionalGeneration (the oracle), on a tiny random
+"""aot/families/vision/model.py against transformers' MllamaForConditionalGeneration (the oracle), on a tiny random
 Mllama written in HF layout: the image state (per-cross-layer K/V), logits with an image, with text
 before the image, text-only (zero state and mask), and decoding token by token over the KV cache."""
 
@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import MLLAMA_VOCAB, write_mllama_checkpoint  # noqa: E402
 
-from aot.mllama import VISION_MODELS, args_from_hf_config, load_hf, zero_image_state  # noqa: E402
+from aot.families.vision.checkpoint import args_from_hf_config, load_hf  # noqa: E402
+from aot.families.vision.model import VISION_MODELS, zero_image_state  # noqa: E402
 
 IMAGE_TOKEN = MLLAMA_VOCAB
 
@@ -55,6 +56,7 @@ def test_config_and_registry(checkpoint):
     assert big.text.cross_layers == (3, 8, 13, 18, 23, 28, 33, 38) and big.vision.patches == 1601
 
 
+@pytest.mark.oracle
 def test_logits_match_transformers(checkpoint):
     path, hf = checkpoint
     ours = load_hf(path, max_context_len=32)
@@ -86,6 +88,7 @@ def test_logits_match_transformers(checkpoint):
     assert (blind[0] - want[-1]).abs().max() > 1e-2
 
 
+@pytest.mark.oracle
 def test_text_only_turn_matches_transformers_skipping_cross_layers(checkpoint):
     path, hf = checkpoint
     ours = load_hf(path, max_context_len=32)

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import checkpoints
-from aot.checkpoint import open_checkpoint, permute_rotary, unpermute_rotary
-from aot.config import BuildConfig
-from aot.model import MODELS, ModelArgs, RopeScaling, Transformer, random_init_
-from aot.pipeline import load_model, resolve_source
-from aot.quant import QuantConfig
+from aot.families.common import RopeScaling, random_init_
+from aot.families.text.checkpoint import open_checkpoint, permute_rotary, unpermute_rotary
+from aot.families.text.family import TextFamily
+from aot.families.text.model import MODELS, ModelArgs, Transformer
 
 TOKENS = torch.tensor([[0, 17, 900, 5, 44, 1000, 3, 77, 250, 9, 512, 60]])
 
@@ -24,11 +23,11 @@ def hf_logits(path, tokens=TOKENS) -> torch.Tensor:
 
 
 def our_model(path, full_logits=True, max_context_len=64) -> Transformer:
-    cfg = BuildConfig(out=path / "unused", checkpoint=path, quant=QuantConfig(scheme="none"),
-                      max_seq_len=16, max_context_len=max_context_len, full_logits=full_logits)
-    return load_model(resolve_source(cfg, cfg.quant.plan()), cfg)
+    """The checkpoint's fp32 eager model, as the text family loads its reference."""
+    return TextFamily().reference(path, max_context_len, full_logits=full_logits)
 
 
+@pytest.mark.oracle
 def test_eager_matches_transformers(hf_ckpt):
     ref = hf_logits(hf_ckpt)
     model = our_model(hf_ckpt)
@@ -39,6 +38,7 @@ def test_eager_matches_transformers(hf_ckpt):
     assert ref.abs().max().item() > 1.0  # the oracle's logits are not trivially flat
 
 
+@pytest.mark.oracle
 def test_kv_cache_decode_matches_full_sequence(hf_ckpt):
     """Prefill a chunk, then decode token by token: each step equals the full-sequence logits."""
     ref = hf_logits(hf_ckpt)[0]
@@ -106,6 +106,7 @@ def test_random_init_is_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("model", ["1b", "3b"])
 def test_llama3_rope_scaling_matches_transformers(model):
     """Frequencies of the real 1B/3B configs, factor 32, against transformers' llama3 rope init
@@ -113,7 +114,7 @@ def test_llama3_rope_scaling_matches_transformers(model):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from aot.model import rope_frequencies
+    from aot.families.text.model import rope_frequencies
 
     args = MODELS[model]
     config = LlamaConfig(hidden_size=args.dim, num_attention_heads=args.n_heads, rope_theta=args.rope_theta,

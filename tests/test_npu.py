@@ -66,6 +66,7 @@ def test_npu_schemes_are_not_for_xnnpack(hf_ckpt, tmp_path):
     assert result.exit_code == 3 and "--delegate xnnpack does not take --quant 16a4w" in result.stderr
 
 
+@pytest.mark.oracle
 def test_static_attention_computes_what_the_custom_ops_do(hf_ckpt):
     """A prefill chunk then one-token decodes over the static cache == the custom-op model."""
     model = our_model(hf_ckpt)
@@ -79,6 +80,7 @@ def test_static_attention_computes_what_the_custom_ops_do(hf_ckpt):
     assert (torch.cat(rows) - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_qnn_recipe_simulated_on_the_demo_model(no_network):
     def run(scheme):
         result = run_cli("simulate", "--delegate", "qnn", "--model", "demo", "--quant", scheme,
@@ -97,6 +99,7 @@ def test_qnn_recipe_simulated_on_the_demo_model(no_network):
     assert w8["accuracy_prefill"]["top1_agreement"] > 0.9 and w8["accuracy_decode"]["top1_agreement"] > 0.9
 
 
+@pytest.mark.slow
 def test_mediatek_recipe_simulated_without_its_sdk(no_network):
     assert importlib.util.find_spec("mtk_converter") is None  # what this test is about
     result = run_cli("simulate", "--delegate", "mediatek", "--model", "demo", "--quant", "16a8w", "--soc", "mt6991",
@@ -110,6 +113,7 @@ def test_mediatek_recipe_simulated_without_its_sdk(no_network):
     assert "executorch.backends.mediatek" not in sys.modules
 
 
+@pytest.mark.slow
 def test_qnn_8bit_kv_cache_quantizes_what_is_written_to_the_cache(hf_ckpt):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -161,6 +165,7 @@ def test_only_the_output_projection_is_kept_at_8_bit(hf_ckpt):
     assert [n.args[1].name for n in linears if is_output_projection(n)] == ["output_weight"]
 
 
+@pytest.mark.slow
 def test_block_wise_recipe_simulates(no_network):
     result = run_cli("simulate", "--delegate", "qnn", "--model", "demo", "--quant", "16a4w-block",
                      "--group-size", 16, "--max-tokens", 64, "--calibration-windows", 2, "--json")
@@ -227,6 +232,7 @@ def test_static_bundles_do_not_run_on_the_host(static_bundle):
     assert result.exit_code == 6 and "runs on the device with ExecuTorch's qnn runtime" in result.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("delegate", [
     pytest.param("qnn", marks=pytest.mark.skipif(
         not os.environ.get("QNN_SDK_ROOT"), reason="needs Qualcomm's QAIRT SDK (QNN_SDK_ROOT)")),

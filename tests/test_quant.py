@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aot.errors import ConfigError
-from aot.model import MODELS
+from aot.families.text.model import MODELS
 from aot.quant import LayerQuant, QuantConfig, estimate_weight_bytes
 
 

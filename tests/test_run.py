@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from aot.bundle import open_bundle
 from aot.runner.engines import PythonEngine, StockEngine
 from aot.runner.text import TokenBytes, Utf8Stream
@@ -95,6 +97,7 @@ def test_tampered_bundle_is_refused(bundle_bytes, tmp_path):
         assert "tokenizer.json: sha256 does not match" in result.stderr
 
 
+@pytest.mark.oracle
 def test_tiktoken_converts_to_an_equivalent_byte_level_json(tmp_path):
     """For streaming, a Llama 3 tokenizer.model is handed to the stock runner as a byte-level
     tokenizer.json; read by the runner's own C++ class it must tokenize like the reference

@@ -316,19 +316,19 @@ def _act_fake_quant(x: torch.Tensor) -> torch.Tensor:
 
 def _prequantized_model(ckpt: Path, full_logits: bool = True):
     from aot.config import BuildConfig
-    from aot.pipeline import load_model, resolve_source
+    from aot.families.text.family import TextFamily, load_model
 
     cfg = BuildConfig(out=ckpt / "unused", checkpoint=ckpt, quant=QuantConfig(scheme="spinquant"),
                       max_seq_len=SEQ, max_context_len=CTX, full_logits=full_logits)
-    return load_model(resolve_source(cfg, cfg.quant.plan()), cfg)
+    return load_model(TextFamily().resolve(cfg), cfg)
 
 
 def _dequantized_reference(ckpt: Path):
     """The float model the prequantized checkpoint describes: dequantized weights, R4 as an explicit
     Hadamard matmul, and 8-bit per-token activation fake quantization on every linear's input."""
-    from aot.model import Transformer
+    from aot.families.text.model import Transformer
 
-    from aot.checkpoint import open_checkpoint
+    from aot.families.text.checkpoint import open_checkpoint
 
     sd = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
     args = open_checkpoint(ckpt).args  # untied: the output projection has the final norm folded in
@@ -353,8 +353,9 @@ def _dequantized_reference(ckpt: Path):
     return model.eval()
 
 
+@pytest.mark.oracle
 def test_prequantized_checkpoint_loads_without_requantizing(spinquant_ckpt):
-    from aot.checkpoint import open_checkpoint
+    from aot.families.text.checkpoint import open_checkpoint
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     ckpt = open_checkpoint(spinquant_ckpt)
@@ -371,8 +372,20 @@ def test_prequantized_checkpoint_loads_without_requantizing(spinquant_ckpt):
     assert model.layers[0].feed_forward.r4 is not None
     ref = _dequantized_reference(spinquant_ckpt)
     got, want = _logits(model), _logits(ref)
-    # Same integers and scales; only the activation rounding of two implementations can differ.
-    assert (got - want).abs().max().item() <= 1e-3, (got - want).abs().max().item()
+    # Same integers and scales; only the activation rounding of two implementations can differ,
+    # and how much depends on the CPU's kernels (AMD EPYC: under 1e-3; Intel Xeon with AVX-512
+    # FP16: 0.018), because the 8-bit embedding puts layer 0's activations on rounding ties (see
+    # test_prequantized_bundle_matches_eager_and_records_it). The bound is the reference's own
+    # sensitivity to a 1e-6 relative nudge of its embedding output, measured here.
+    sensitivity = []
+    for nudge in (1 + 1e-6, 1 - 1e-6):
+        hook = ref.tok_embeddings.register_forward_hook(lambda m, i, o, k=nudge: o * k)
+        sensitivity.append((_logits(ref) - want).abs())
+        hook.remove()
+    diff = (got - want).abs()
+    assert diff.max() <= 2 * max(s.max() for s in sensitivity), (diff.max(), [s.max() for s in sensitivity])
+    assert diff.mean() <= 2 * max(s.mean() for s in sensitivity), (diff.mean(), [s.mean() for s in sensitivity])
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ from conftest import CTX, SEQ, _build
 
 
 def _plain_build(monkeypatch, out: Path, *args) -> bytes:
-    from aot import pipeline
+    from aot.families.text import family
 
-    monkeypatch.setattr(pipeline, "STREAMED_LOAD", False)
+    monkeypatch.setattr(family, "STREAMED_LOAD", False)
     result = _build(out, *args)
     stage_names = [s["name"] for s in result["build"]["stages"]]
     assert "load" in stage_names and "quantize" in stage_names  # really the plain path
@@ -26,17 +26,18 @@ def test_streamed_checkpoint_build_is_byte_identical(bundle_8da4w, hf_ckpt, tmp_
     assert _plain_build(monkeypatch, tmp_path / "plain", hf_ckpt, "--quant", "8da4w") == streamed
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("quant", ["bf16"])
 def test_streamed_random_weights_build_is_byte_identical(quant, tmp_path, monkeypatch):
-    """Also: the streamed build never writes its KV caches (pipeline.load_quantized), so their
+    """Also: the streamed build never writes its KV caches (families.common.stream_parts), so their
     contents must not reach the program. Here they are filled with NaN before each part is
     quantized; the plain build zeroes them; the bytes must be the same."""
     import torch
     from conftest import run_cli
 
-    from aot import pipeline
+    from aot.families.text import family
 
-    filled, apply_plan = [], pipeline.apply_plan
+    filled, apply_plan = [], family.apply_plan
 
     def apply_plan_on_garbage(model, plan, parts=None, **kwargs):
         for name in parts or ():
@@ -44,7 +45,7 @@ def test_streamed_random_weights_build_is_byte_identical(quant, tmp_path, monkey
                 filled.append(buf.fill_(torch.nan).numel())
         return apply_plan(model, plan, parts=parts, **kwargs)
 
-    monkeypatch.setattr(pipeline, "apply_plan", apply_plan_on_garbage)
+    monkeypatch.setattr(family, "apply_plan", apply_plan_on_garbage)
     flags = ["--model", "tiny", "--random-weights", "--quant", quant, "--max-seq-len", SEQ, "--max-context-len", CTX,
              "--bos-id", 0, "--eos-id", 1, "--json"]
     result = run_cli("build", *flags, "--out", tmp_path / "streamed")
@@ -52,8 +53,8 @@ def test_streamed_random_weights_build_is_byte_identical(quant, tmp_path, monkey
     assert len(filled) == 2 * 2  # k and v caches of both tiny layers
     streamed = (tmp_path / "streamed" / "model.pte").read_bytes()
 
-    monkeypatch.setattr(pipeline, "apply_plan", apply_plan)
-    monkeypatch.setattr(pipeline, "STREAMED_LOAD", False)
+    monkeypatch.setattr(family, "apply_plan", apply_plan)
+    monkeypatch.setattr(family, "STREAMED_LOAD", False)
     result = run_cli("build", *flags, "--out", tmp_path / "plain")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "plain" / "model.pte").read_bytes() == streamed
@@ -84,7 +85,7 @@ def test_row_chunked_quantization_gives_the_same_tensors(hf_ckpt, monkeypatch):
 
 
 def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, tmp_path, monkeypatch):
-    """backends/xnnpack.py's workaround: ExecuTorch deep-copies each delegated subgraph (weights
+    """aot/backends/xnnpack_patches.py's workaround: ExecuTorch deep-copies each delegated subgraph (weights
     included) before XNNPACK preprocesses it; aot makes the copy share the weights. Fails if
     ExecuTorch stops calling that hook, or if sharing changes a byte of the program."""
     import contextlib
@@ -92,27 +93,28 @@ def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, 
 
     from executorch.exir.backend import backend_api
 
+    from aot.backends.registry import BACKENDS
     from aot.backends.xnnpack import Xnnpack
-
-    from aot.backends import xnnpack
 
     assert "copy_exported_program_for_preprocess" in inspect.getsource(backend_api.lower_all_submodules_to_backend)
     monkeypatch.setattr(Xnnpack, "lowering_context", lambda self: contextlib.nullcontext())
-    monkeypatch.setattr(xnnpack, "HOLD_INT4_PACKED", False)  # held weights need the lowering context
+    # held weights need the lowering context
+    monkeypatch.setitem(BACKENDS, "xnnpack", lambda: Xnnpack(hold_int4_packed=False))
     result = _build(tmp_path / "copying", hf_ckpt, "--quant", "8da4w")
     assert (tmp_path / "copying" / "model.pte").read_bytes() == (Path(bundle_8da4w["path"]) / "model.pte").read_bytes()
     assert result["build"]["input_key"] == bundle_8da4w["build"]["input_key"]
 
 
 def test_lowering_frees_weights_once_packed(bundle_fp32, hf_ckpt, tmp_path, monkeypatch):
-    """backends/xnnpack.py frees each delegated weight once XNNPACK has packed it. The tied fp32
+    """aot/backends/xnnpack_patches.py frees each delegated weight once XNNPACK has packed it. The tied fp32
     model is the hard case: the output projection (delegated) and the embedding (a CPU op) share
     one tensor, which must be kept. Fails if the hooks stop being called (nothing freed), if a
     shared weight is freed, or if freeing changes a byte of the program."""
     import torch
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
-    from aot.backends import xnnpack
+    from aot.backends.registry import BACKENDS
+    from aot.backends.xnnpack import Xnnpack
 
     freed = []
     resize = torch.UntypedStorage.resize_
@@ -123,35 +125,38 @@ def test_lowering_frees_weights_once_packed(bundle_fp32, hf_ckpt, tmp_path, monk
     embedding = 1024 * 128 * 4  # the tied table (vocab x dim fp32): kept
     assert len(freed) > 10 and embedding not in freed, freed
     assert (tmp_path / "freeing" / "model.pte").read_bytes() == (Path(bundle_fp32["path"]) / "model.pte").read_bytes()
-    monkeypatch.setattr(xnnpack, "FREE_PACKED_WEIGHTS", False)
+    monkeypatch.setitem(BACKENDS, "xnnpack", lambda: Xnnpack(free_packed_weights=False))
     _build(tmp_path / "keeping", hf_ckpt, "--quant", "none")
     assert (tmp_path / "keeping" / "model.pte").read_bytes() == (Path(bundle_fp32["path"]) / "model.pte").read_bytes()
 
 
+@pytest.mark.e2e
 def test_int4_weights_are_held_packed_until_lowering(tmp_path, monkeypatch):
-    """backends/xnnpack.py holds 4-bit weights two per byte between quantization and XNNPACK's
+    """aot/backends/xnnpack_patches.py holds 4-bit weights two per byte between quantization and XNNPACK's
     preprocess. Fails if nothing is held (the hook stopped being called), if a held weight is never
     handed back, or if holding changes a byte of the program (the plain build holds nothing)."""
     from conftest import run_cli
 
-    from aot import pipeline
-    from aot.backends import xnnpack
+    from aot.backends.xnnpack_patches import Int4Hold
+    from aot.families.text import family
 
-    held, hold = [], xnnpack.Int4Hold.hold
-    monkeypatch.setattr(xnnpack.Int4Hold, "hold", lambda self, m: held.append(hold(self, m)) or held[-1])
+    held, holders, hold = [], [], Int4Hold.hold
+    monkeypatch.setattr(Int4Hold, "hold", lambda self, m: holders.append(self) or held.append(hold(self, m)) or held[-1])
     flags = ["--model", "tiny", "--random-weights", "--quant", "8da4w", "--max-seq-len", SEQ, "--max-context-len", CTX,
              "--bos-id", 0, "--eos-id", 1, "--json"]
     result = run_cli("build", *flags, "--out", tmp_path / "held")
     assert result.exit_code == 0, result.stderr
-    assert sum(held) == 2 * 7 and not xnnpack.INT4_HOLD.held  # every decoder linear held, all handed back
-    monkeypatch.setattr(pipeline, "STREAMED_LOAD", False)
+    assert sum(held) == 2 * 7 and not any(h.held for h in holders)  # every decoder linear held, all handed back
+    assert len({id(h) for h in holders}) == 1  # the build's own backend instance holds them
+    monkeypatch.setattr(family, "STREAMED_LOAD", False)
     result = run_cli("build", *flags, "--out", tmp_path / "plain")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "plain" / "model.pte").read_bytes() == (tmp_path / "held" / "model.pte").read_bytes()
 
 
+@pytest.mark.slow
 def test_partitioners_use_compact_dependency_maps(hf_ckpt):
-    """backends/dependencies.py replaces the partitioners' quadratic `_DependencyViewer` (a set of
+    """aot/backends/dependencies.py replaces the partitioners' quadratic `_DependencyViewer` (a set of
     every downstream node per node: 0.8 GiB at 3B, the build's peak) with bitsets during lowering.
     On the tiny model's real 8da4w edge graph it must answer exactly as torch's and ExecuTorch's
     originals do, for every node; fails if either class is renamed, or if the partitioners stop
@@ -164,7 +169,8 @@ def test_partitioners_use_compact_dependency_maps(hf_ckpt):
 
     from aot.backends import get_backend
     from aot.backends.dependencies import CompactDependencies
-    from aot.methods import export_methods, text_methods
+    from aot.families.text.family import text_methods
+    from aot.methods import export_methods
     from aot.quant import QuantConfig, apply_plan
     from test_model import our_model
 

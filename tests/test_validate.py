@@ -6,6 +6,8 @@ import json
 import shutil
 from xml.etree import ElementTree as ET
 
+import pytest
+
 from conftest import run_cli
 
 # The thresholds README states for the demo model's 8da4w bundle.
@@ -70,6 +72,7 @@ def test_bench_rows(demo_bundle):
     assert table.startswith("| model |") and "| demo |" in table and " ± " in table
 
 
+@pytest.mark.oracle
 def test_demo_checkpoint_loads_in_transformers():
     """The shipped demo model is an ordinary Llama checkpoint (HF layout, bf16)."""
     from transformers import LlamaForCausalLM

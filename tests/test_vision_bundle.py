@@ -92,6 +92,7 @@ CASES = [((28, 28), 1, "start"), ((56, 28), 2, "middle"), ((20, 80), 3, "start")
          (None, 0, "text-only")]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("size, tiles, where", CASES, ids=[f"{t}-tiles-{w}" for _, t, w in CASES])
 def test_fp32_bundle_matches_transformers(mllama, fp32_bundle, tmp_path, size, tiles, where):
     _, hf = mllama
@@ -130,6 +131,7 @@ def test_bundle_contract(fp32_bundle):
                    "get_num_patches": 5, "get_n_cross_layers": 2}
 
 
+@pytest.mark.oracle
 def test_run_streams_transformers_greedy_answer(mllama, fp32_bundle, tmp_path):
     """`aot run --image` gives transformers' greedy continuation for the same image and prompt."""
     _, hf = mllama
@@ -159,9 +161,9 @@ def test_int4_bundle_tracks_eager_torchao(mllama, int4_bundle, tmp_path):
     rounding and accumulates in int32, torchao's reference dequantizes and multiplies in fp32), so
     the bound is a small fraction of the quantization error itself, which is measured too."""
     from aot.config import BuildConfig, QuantConfig
-    from aot.mllama import load_hf
+    from aot.families.vision.checkpoint import load_hf
     from aot.quant import apply_plan
-    from aot.vision_build import plans
+    from aot.families.vision.family import plans
 
     path, hf = mllama
     engine = VisionEngine(open_bundle(int4_bundle["path"]))
@@ -217,8 +219,8 @@ def test_preflight_stops_builds_the_machine_cannot_hold(tmp_path, monkeypatch):
     line and exit 13; nothing is written."""
     from aot import preflight
     from aot.config import BuildConfig
-    from aot.mllama import VISION_MODELS, params_by_kind
-    from aot.vision_build import plans
+    from aot.families.vision.family import VISION_MODELS, params_by_kind
+    from aot.families.vision.family import plans
 
     for model, gib in (("90b-vision", 23.5), ("11b-vision", 8), ("3b", 2)):
         monkeypatch.setattr(preflight, "available_memory", lambda gib=gib: int(gib * preflight.GIB))

@@ -1,4 +1,4 @@
-"""runner/vision.py against transformers' MllamaImageProcessorPil, bit for bit, on images of many
+"""aot/families/vision/image.py against transformers' MllamaImageProcessorPil, bit for bit, on images of many
 sizes and modes; the cross-attention mask against transformers' processor helpers; bad files."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aot.runner.vision import ImageSpec, cross_attention_mask, open_image, preprocess
+from aot.families.vision.image import ImageSpec, cross_attention_mask, open_image, preprocess
 
 TILE = 56  # small tiles keep the test fast; the arithmetic is the same at 560
 
@@ -47,6 +47,7 @@ def hf_processor():
         image_std=list(spec.std), rescale_factor=spec.rescale_factor), spec
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("mode, w, h", CASES, ids=[f"{m}-{w}x{h}" for m, w, h in CASES])
 def test_preprocessing_matches_transformers_bit_for_bit(hf_processor, mode, w, h):
     hf, spec = hf_processor
@@ -60,6 +61,7 @@ def test_preprocessing_matches_transformers_bit_for_bit(hf_processor, mode, w, h
     assert got["num_tiles"] == want["num_tiles"][0][0]
 
 
+@pytest.mark.oracle
 def test_preprocessing_at_the_real_tile_size():
     transformers = pytest.importorskip("transformers")
     spec = ImageSpec()
@@ -71,6 +73,7 @@ def test_preprocessing_at_the_real_tile_size():
         assert np.array_equal(got["aspect_ratio_ids"], want["aspect_ratio_ids"])
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("ids", [[5, 6, 9, 7, 8], [9, 1, 2], [1, 2, 3, 9], [1, 2, 3]])
 def test_cross_attention_mask_matches_transformers(ids):
     pytest.importorskip("transformers")

@@ -25,7 +25,7 @@ import torch
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 BOS, EOS, EOT = 0, 1, 2
-# Matches aot.model.MODELS["demo"]: 3.5 M parameters, 7 MB in bf16.
+# Matches aot.families.text.model.MODELS["demo"]: 3.5 M parameters, 7 MB in bf16.
 ARCH = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2)
 HELDOUT_EVERY = 20  # one file in 20, by a hash of its path, is held out

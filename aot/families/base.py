@@ -1,0 +1,93 @@
+"""The model-family interface (see aot/families/__init__.py): Source, Program, Family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aot.methods import Method
+from aot.quant import QuantPlan
+from aot.tokenizer import TokenizerInfo
+
+if TYPE_CHECKING:
+    from aot.config import BuildConfig
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a build reads, resolved and checked: every field a pipeline stage needs."""
+
+    args: object  # the family's architecture dataclass
+    model_name: str  # registry name whose sizes match, or "custom"
+    tokenizer: TokenizerInfo | None
+    bos_id: int
+    eos_ids: tuple[int, ...]
+    plan: QuantPlan  # what bundle.json records as quant.plan (a prequantized checkpoint's own)
+    preflight: tuple  # aot.preflight.check's (label, params_by_kind, plan[, second plan])
+
+    def files(self) -> list[Path]:
+        """The input files whose sha256 bundle.json records (and the input key covers)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Program:
+    """The methods of one program, and how ExecuTorch should plan them."""
+
+    methods: list[Method]
+    # Plan mutable buffers (KV caches) apart from the arenas the methods share, so running one
+    # method between calls of another cannot overwrite them (vision, static prefill/decode).
+    share_mutable_buffers: bool = False
+    target: dict = field(default_factory=dict)  # bundle.json "target" fields the methods add
+    exported: dict = field(default_factory=dict)  # the signatures of methods already exported
+
+    def signatures(self) -> dict:
+        return {**self.exported, **{m.name: m.signature for m in self.methods}}
+
+    def release(self) -> None:
+        """Drop the methods (and so the eager model) once exported; their signatures stay."""
+        self.exported = self.signatures()
+        self.methods.clear()
+
+
+class Family:
+    name: str = ""  # bundle.json model.family
+    models: dict = {}  # published (and test) sizes by --model name
+
+    def claims(self, cfg: BuildConfig) -> bool:
+        raise NotImplementedError
+
+    def config_errors(self, cfg: BuildConfig) -> list[str]:
+        """Flags this family does not take (checked with the rest of the configuration)."""
+        return []
+
+    def resolve(self, cfg: BuildConfig) -> Source:
+        raise NotImplementedError
+
+    def load(self, src: Source, cfg: BuildConfig, backend, stages):
+        raise NotImplementedError
+
+    def methods(self, model, src: Source, cfg: BuildConfig) -> Program:
+        raise NotImplementedError
+
+    def runner_metadata(self, src: Source, cfg: BuildConfig, static: bool) -> dict:
+        raise NotImplementedError
+
+    def manifest(self, src: Source, cfg: BuildConfig, program: Program) -> dict:
+        """bundle.json's family fields: model, checkpoint, tokenizer, quant, export (and more)."""
+        raise NotImplementedError
+
+    def reference(self, checkpoint: Path, max_context_len: int, **kw):
+        """The fp32 eager model of a checkpoint, for validation."""
+        raise NotImplementedError
+
+    # shared record shapes
+    def model_record(self, src: Source, cfg: BuildConfig, num_params: int) -> dict:
+        return {"name": src.model_name, "family": self.name, "args": src.args.to_dict(), "num_params": num_params,
+                "random_weights": cfg.random_weights, "seed": cfg.seed if cfg.random_weights else None}
+
+    @staticmethod
+    def tokenizer_record(src: Source) -> dict | None:
+        t = src.tokenizer
+        return None if t is None else {"file": t.path.name, "kind": t.kind, "vocab_size": t.vocab_size}
