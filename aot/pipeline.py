@@ -48,7 +48,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
             model = family.load(src, cfg, backend, stages)
             program = backend.prepare(family.methods(model, src, cfg), model, src, cfg, stages)
             del model
-            with stages.stage("export", ", ".join(m.name for m in program.methods)):
+            with stages.stage("export", program.export_label()):
                 programs = export_methods(program.methods)
             program.release()  # the eager model goes: two copies of the weights are never alive
             metadata = family.runner_metadata(src, cfg, backend.static_shapes)

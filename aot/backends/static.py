@@ -172,4 +172,5 @@ class StaticShapeBackend(Backend):
                 "output": f"logits float32 {logits.replace('S', str(length))}",
                 "kv_cache": f"shared with {DECODE if name == PREFILL else PREFILL}, {ctx} positions",
             }))
-        return Program(methods, share_mutable_buffers=True, target={"calibration": record})
+        return Program(methods, share_mutable_buffers=True, target={"calibration": record},
+                       label="quantized prefill, decode")

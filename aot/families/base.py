@@ -40,7 +40,11 @@ class Program:
     # method between calls of another cannot overwrite them (vision, static prefill/decode).
     share_mutable_buffers: bool = False
     target: dict = field(default_factory=dict)  # bundle.json "target" fields the methods add
+    label: str | None = None  # the export stage's detail; default: the method names
     exported: dict = field(default_factory=dict)  # the signatures of methods already exported
+
+    def export_label(self) -> str:
+        return self.label or ", ".join(m.name for m in self.methods)
 
     def signatures(self) -> dict:
         return {**self.exported, **{m.name: m.signature for m in self.methods}}
