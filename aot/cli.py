@@ -263,8 +263,9 @@ def validate(
     device (--device); gates set the exit code."""
     with _command(as_json, debug):
         from aot.gates import device_config, raise_if_gates_failed, validate_bundle
+        from aot.metrics import Gates
         from aot.progress import Stages
-        from aot.validate import Gates, ValidateConfig
+        from aot.validate import ValidateConfig
 
         gates = Gates(**_given(max_ppl_ratio=max_ppl_ratio, min_top1=min_top1, max_kl=max_kl,
                                min_prefill_tps=min_prefill_tps, min_decode_tps=min_decode_tps))

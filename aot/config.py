@@ -7,6 +7,9 @@ collected and reported together in one line.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,10 +162,6 @@ class FieldType:
 
 def field_types(cls, skip: tuple[str, ...] = ()) -> dict[str, FieldType]:
     """A dataclass's fields in declaration order, by name, from their type hints."""
-    import dataclasses
-    import types
-    import typing
-
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -194,8 +193,6 @@ _YAML_ALSO = {"embedding_quant": (int,)}  # bits: YAML reads `embedding_quant: 8
 
 
 def _build_fields() -> dict[str, BuildField]:
-    import dataclasses
-
     build = field_types(BuildConfig, skip=("out", "force", "quant"))
     quant = {_QUANT_FLAGS.get(a, a): (a, t) for a, t in field_types(QuantConfig).items()}
     fields_ = {}

@@ -31,8 +31,9 @@ import yaml
 
 from aot.config import FIELDS, PATH_FIELDS, BuildConfig, FieldType, build_config, field_types
 from aot.errors import ConfigError
+from aot.metrics import Gates
 from aot.quant import QuantConfig
-from aot.validate import Gates, ValidateConfig
+from aot.validate import ValidateConfig
 
 FORMAT_VERSION = 1
 TOP_KEYS = ("version", "defaults", "targets", "matrix")

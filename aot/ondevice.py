@@ -28,13 +28,13 @@ from aot.errors import ConfigError, DeviceError
 from aot.families.text.checkpoint import open_checkpoint
 from aot.families.text.family import TextFamily
 from aot.files import sha256_file
+from aot.metrics import junit_suite
 from aot.native import native_output_silenced
 from aot.runner import device_runner
 from aot.runner.engines import StockEngine
 from aot.runner.text import TokenBytes
 from aot.speed import summary
 from aot.tokenizer import load_tokenizer
-from aot.validate import junit_suite
 
 RUNNER_SCRIPT = Path(device_runner.__file__)  # the one file copied to ssh devices
 DEFAULT_MIN_AGREEMENT = 1.0  # the same program on the same ISA family: greedy tokens should match

@@ -43,7 +43,7 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
                 src = family.resolve(cfg)
             preflight = check(*src.preflight, out_dir=staging.dir, enabled=not cfg.no_preflight)
             with stages.stage("hash inputs"):
-                inputs = hash_files([*src.files(), *backend.input_files(cfg, src)])
+                inputs = hash_inputs(src, cfg, backend)
                 key = input_key(cfg, inputs)
             model = family.load(src, cfg, backend, stages)
             program = backend.prepare(family.methods(model, src, cfg), model, src, cfg, stages)
@@ -65,11 +65,15 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
 
 def fingerprint(cfg: BuildConfig) -> str:
     """The input key `build` would record for `cfg`, without building (for up-to-date checks)."""
-    src = family_for(cfg).resolve(cfg)
-    return input_key(cfg, hash_files([*src.files(), *get_backend(cfg.delegate).input_files(cfg, src)]))
+    return input_key(cfg, hash_inputs(family_for(cfg).resolve(cfg), cfg, get_backend(cfg.delegate)))
 
 
 # ---- inputs ---------------------------------------------------------------------------------
+
+
+def hash_inputs(src: Source, cfg: BuildConfig, backend: Backend) -> dict:
+    """bundle.json's `inputs`: what the family reads and what the backend's own steps read."""
+    return hash_files([*src.files(), *backend.input_files(cfg, src)])
 
 
 def hash_files(files: list[Path]) -> dict:

@@ -23,10 +23,10 @@ from aot.backends.static import export_static, quantize_static, windows_from
 from aot.config import delegate_errors
 from aot.errors import ConfigError
 from aot.families.text.family import TextFamily
+from aot.metrics import compare
 from aot.native import native_output_silenced
 from aot.texts import DEMO_CHECKPOINT, text_file
 from aot.tokenizer import find_tokenizer, load_tokenizer, tokenizer_info
-from aot.validate import compare
 
 
 @dataclass(frozen=True)

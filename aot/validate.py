@@ -18,7 +18,7 @@ from aot.errors import CheckpointError, ConfigError
 from aot.families.text.family import TextFamily
 from aot.families.text.model import ModelArgs
 from aot.files import sha256_file
-from aot.metrics import Gates, check_gates, compare, compare_rows, junit_suite, junit_xml  # noqa: F401
+from aot.metrics import Gates, check_gates, compare
 from aot.native import native_output_silenced
 from aot.runner.engines import PythonEngine
 from aot.speed import measure_speed

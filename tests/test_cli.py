@@ -192,15 +192,20 @@ HELP_DEFAULTS = [  # (command, flag, "module:Class.field")
 ]
 
 
-@pytest.mark.parametrize("command, flag, where", HELP_DEFAULTS, ids=[f"{c[-1]} {f}" for c, f, _ in HELP_DEFAULTS])
-def test_help_shows_the_dataclass_default(monkeypatch, command, flag, where):
+def _default_and_help_line(monkeypatch, columns: int, command: list[str], flag: str, where: str):
+    """(the dataclass field's default named by `where` "module:Class.field", the --help line of `flag`)."""
     import importlib
 
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", str(columns))
     module, _, attr = where.partition(":")
     cls, _, name = attr.partition(".")
     value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
-    line = next(ln for ln in run_cli(*command, "--help").stdout.splitlines() if f" {flag} " in ln)
+    return value, next(ln for ln in run_cli(*command, "--help").stdout.splitlines() if f" {flag} " in ln)
+
+
+@pytest.mark.parametrize("command, flag, where", HELP_DEFAULTS, ids=[f"{c[-1]} {f}" for c, f, _ in HELP_DEFAULTS])
+def test_help_shows_the_dataclass_default(monkeypatch, command, flag, where):
+    value, line = _default_and_help_line(monkeypatch, 200, command, flag, where)
     assert f"[default: {value}]" in line, line
 
 
@@ -265,11 +270,5 @@ BRACKETED = [  # defaults written into help text as "[value]": they must stay th
 
 @pytest.mark.parametrize("command, flag, where", BRACKETED, ids=[f"{c[-1]} {f}" for c, f, _ in BRACKETED])
 def test_help_text_defaults_are_the_dataclasses(monkeypatch, command, flag, where):
-    import importlib
-
-    monkeypatch.setenv("COLUMNS", "250")
-    module, _, attr = where.partition(":")
-    cls, _, name = attr.partition(".")
-    value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
-    line = next(ln for ln in run_cli(*command, "--help").stdout.splitlines() if f" {flag} " in ln)
+    value, line = _default_and_help_line(monkeypatch, 250, command, flag, where)
     assert f"[{value}]" in line, line

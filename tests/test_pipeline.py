@@ -13,7 +13,7 @@ from aot.backends import get_backend
 from aot.config import build_config
 from aot.errors import ConfigError
 from aot.families import family_for
-from aot.pipeline import fingerprint, hash_files, input_key
+from aot.pipeline import fingerprint, hash_files, hash_inputs, input_key
 
 
 def cfg_for(ckpt: Path, out: str = "out", **fields):
@@ -26,8 +26,7 @@ def resolve(cfg):
 
 def key(cfg) -> str:
     """As `build` computes it."""
-    src = resolve(cfg)
-    return input_key(cfg, hash_files([*src.files(), *get_backend(cfg.delegate).input_files(cfg, src)]))
+    return input_key(cfg, hash_inputs(resolve(cfg), cfg, get_backend(cfg.delegate)))
 
 
 def test_resolve_takes_ids_from_the_tokenizer_and_names_the_size(hf_ckpt):

@@ -204,7 +204,7 @@ def test_failed_targets_are_summed_up():
 
 def test_teacher_forced_gates_are_refused_on_a_device():
     from aot.gates import device_config
-    from aot.validate import Gates
+    from aot.metrics import Gates
 
     with pytest.raises(ConfigError, match=r"^--max-ppl-ratio is scored on the host \(teacher-forced logits\)"):
         device_config("ssh://board", Gates(min_top1=0.9, max_ppl_ratio=1.1))

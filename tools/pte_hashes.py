@@ -9,7 +9,6 @@ prints one line per bundle and writes {name: sha256}. Compare two runs with `dif
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 import checkpoints  # noqa: E402
 from aot.cli import app  # noqa: E402
+from aot.files import sha256_file  # noqa: E402
 
 SEQ, CTX = 16, 64
 
@@ -31,10 +31,6 @@ def _cli(*args) -> None:
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     if result.exit_code != 0:
         raise SystemExit(f"{' '.join(map(str, args))}: exit {result.exit_code}: {result.stderr}")
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
                 patch.undo()
         else:
             _cli("build", *flags, "--out", out, "--json")
-        hashes[name] = {p.name: _sha(p) for p in sorted(out.glob("*.pte"))}
+        hashes[name] = {p.name: sha256_file(p) for p in sorted(out.glob("*.pte"))}
         print(name, json.dumps(hashes[name]), flush=True)
     args.out.write_text(json.dumps(hashes, indent=2) + "\n")
 

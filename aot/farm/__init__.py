@@ -27,13 +27,13 @@ from aot.errors import ConfigError, DeviceError, OutputError
 from aot.farm import aws as farm_aws
 from aot.files import sha256_file, write_atomically
 from aot.gates import raise_if_gates_failed
+from aot.metrics import junit_suite
 from aot.ondevice import agreement, agreement_gate, prompts_from_text, speed_gate
 from aot.release import RELEASE_JSON
 from aot.runner.engines import StockEngine
 from aot.runner.text import TokenBytes
 from aot.texts import text_file
 from aot.tokenizer import load_tokenizer
-from aot.validate import junit_suite
 
 FORMAT = "aot-farm-package"
 # llama_main's --seq_len counts the prompt as it re-tokenizes the text; a little room keeps it from

@@ -94,9 +94,11 @@ class VisionFamily(Family):
                                   f"{'a ' + name if name != 'custom' else 'a custom size'}); drop --model")
         else:
             args, name = VISION_MODELS[cfg.model], cfg.model
-        errors = [*cfg.quant.plan().check_dims(args.text.dim, args.text.ffn_hidden)]
-        if (cfg.vision_quant or DEFAULT_VISION_QUANT) != "none":
-            errors += [e.replace("model's", "vision encoder's") for e in plans(cfg)[1].check_dims(args.vision.dim, args.vision.ffn_hidden)]
+        text_plan, vision_plan = plans(cfg)
+        errors = [*text_plan.check_dims(args.text.dim, args.text.ffn_hidden)]
+        if vision_plan.scheme != "none":
+            errors += [e.replace("model's", "vision encoder's")
+                       for e in vision_plan.check_dims(args.vision.dim, args.vision.ffn_hidden)]
         tok_path = find_tokenizer(ckpt, cfg.tokenizer)
         tok = tokenizer_info(tok_path, ckpt) if tok_path else None
         if tok is not None:
@@ -116,7 +118,6 @@ class VisionFamily(Family):
                               f"{args.vision.image_size} px, at most {args.vision.max_tiles}; use the checkpoint's own file")
         if errors:
             raise ConfigError("; ".join(errors))
-        text_plan, vision_plan = plans(cfg)
         preflight = (f"--model {name}", params_by_kind(args), text_plan, vision_plan)
         return VisionSource(args, name, tok, bos, eos, text_plan, preflight, ckpt, spec.to_dict(), vision_plan)
 
