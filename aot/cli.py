@@ -64,7 +64,11 @@ def build(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights and spinquant's random rotations [0]."),
     delegate: Optional[str] = typer.Option(None, "--delegate", help="Backend: xnnpack, qnn, mediatek [xnnpack]."),
     soc: Optional[str] = typer.Option(None, "--soc", help="qnn: SM8650, SM8750, ... [SM8650]; mediatek: mt6989, mt6991 [mt6989]."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: KV cache 8 or 16 bits [the activations' width]."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache storage. xnnpack: fp32, int8 [fp32]; "
+                                           "qnn: int8, int16 [the activations' width]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: --kv-cache int8/int16, the old spelling (8 or 16)."),
+    attention_sink: Optional[str] = typer.Option(None, "--attention-sink", help="SINK,WINDOW: keep the first SINK and the "
+                                                 "last WINDOW positions in a fixed ring; the context goes on [none]."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="qnn/mediatek: calibration text [demo held-out text]."),
     quant: Optional[str] = typer.Option(None, "--quant", help="xnnpack: none, bf16, 8da4w, 8da8w, spinquant [8da4w]; "
                                         "qnn: 16a4w, 16a4w-block, 16a8w, 8a8w; mediatek: 16a4w, 16a8w, 8a8w [16a4w]."),
@@ -74,12 +78,15 @@ def build(
     embedding_group_size: Optional[int] = typer.Option(None, "--embedding-group-size", help="0 = per-channel [0 for 8-bit, 32 for 4-bit]."),
     output_quant: Optional[str] = typer.Option(None, "--output-quant", help="none, 8da8w, 8da4w [8da8w when quantized]."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prefill chunk; NPUs: the fixed prefill length [128]."),
-    max_context_len: Optional[int] = typer.Option(None, "--max-context-len", help="KV cache length [2048]."),
+    max_context_len: Optional[int] = typer.Option(None, "--max-context-len", help="Positions a sequence may reach, up to "
+                                                  "131072 (the KV cache's length without a sink) [2048]."),
     bos_id: Optional[int] = typer.Option(None, "--bos-id", help="Override the tokenizer's BOS id."),
     eos_ids: Optional[List[int]] = typer.Option(None, "--eos-id", help="Override EOS ids (repeatable)."),
     full_logits: bool = typer.Option(False, "--full-logits", help="forward returns logits for every position."),
     vision_quant: Optional[str] = typer.Option(None, "--vision-quant", help="Vision models: the image encoder's scheme: "
                                                "8da8w, 8da4w, none [8da8w]."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="The phone's memory for the app (6GiB, 512MiB; "
+                                                "GB = 10^9): refuse, before building, a bundle whose runtime plan does not fit."),
     no_preflight: bool = typer.Option(False, "--no-preflight", help="Build even if the memory/disk estimate says it will not fit."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     as_json: bool = JSON_OPT,
@@ -183,14 +190,18 @@ def run(
                                          "[stock; vision bundles: python]."),
     image: Optional[Path] = typer.Option(None, "--image", help="Vision bundles: an image file (PNG, JPEG, ...); "
                                          "<|image|> in --prompt marks its place [start]."),
+    truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="A prompt too long for the bundle's context "
+                                         "keeps BOS and its last tokens (room for --max-new-tokens) instead of failing."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
-    """Generate from a bundle, streaming text; then load time, TTFT, prefill and decode tok/s."""
+    """Generate from a bundle, streaming text; then load time, TTFT, prefill and decode tok/s, and why
+    it stopped (EOS, --max-new-tokens, or the bundle's context)."""
     with _command(as_json, debug):
         from aot.generate import RunConfig, generate
 
-        cfg = RunConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, engine=engine, image=image)
+        cfg = RunConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, engine=engine, image=image,
+                        truncate_prompt=truncate_prompt)
         g = generate(bundle, prompt, cfg, None if as_json else render.text_chunk)
         _json({"ok": True, "prompt": prompt, **g.to_dict()}) if as_json else render.generation(err, g)
 
@@ -202,7 +213,8 @@ def simulate(
                               help="qnn: 16a4w, 16a4w-block, 16a8w, 8a8w; mediatek: 16a4w, 16a8w, 8a8w [16a4w]."),
     group_size: int = typer.Option(SIMULATE.group_size, "--group-size", help="Block size of 16a4w-block [32]."),
     soc: Optional[str] = typer.Option(None, "--soc", help="Target chip, recorded [the delegate's default]."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: KV cache 8 or 16 bits [the activations' width]."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="qnn: KV cache int8 or int16 [the activations' width]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: --kv-cache, the old spelling (8 or 16)."),
     prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="Tokens in the prefill call; the rest decode [max-tokens / 2]."),
     model: Optional[str] = typer.Option(None, "--model", help="demo (the embedded model), or give --checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama folder."),
@@ -222,7 +234,8 @@ def simulate(
 
         cfg = SimulateConfig(delegate=delegate, checkpoint=checkpoint, model=model, scheme=quant, text=text,
                              calibration=calibration, max_tokens=max_tokens, calibration_windows=calibration_windows,
-                             group_size=group_size, prefill_len=prefill_len, kv_bits=kv_bits, soc=soc)
+                             group_size=group_size, prefill_len=prefill_len, kv_bits=kv_bits, kv_cache=kv_cache,
+                             soc=soc)
         result = run_simulate(cfg, Stages(quiet=as_json))
         _json(result) if as_json else render.simulation(out, result)
 
@@ -233,8 +246,10 @@ def validate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint to compare with [bundle.json's]."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens of --text scored [512]."),
-    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length for speed [128]."),
-    decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", help="Tokens generated for speed [64]."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length for speed [128, or "
+                                                "what fits the bundle's context]."),
+    decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", help="Tokens generated for speed [64, or "
+                                                "what fits]."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Speed runs [3]; median and spread reported."),
     skip_speed: bool = typer.Option(False, "--skip-speed", help="Accuracy only."),
     max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Gate: bundle ppl / reference ppl."),
@@ -252,8 +267,10 @@ def validate(
     adb: Optional[str] = typer.Option(None, "--adb", help="adb: the adb client [$ADB, then PATH]."),
     device_timeout: float = typer.Option(DEVICE.timeout, "--device-timeout", help="Seconds one device command may take."),
     device_prompts: int = typer.Option(DEVICE.prompts, "--device-prompts", help="Prompts cut from --text for the device."),
-    device_prompt_tokens: int = typer.Option(DEVICE.prompt_tokens, "--device-prompt-tokens", help="Tokens per device prompt."),
-    new_tokens: int = typer.Option(DEVICE.new_tokens, "--new-tokens", help="Greedy tokens generated per device prompt."),
+    device_prompt_tokens: Optional[int] = typer.Option(None, "--device-prompt-tokens", help="Tokens per device prompt "
+                                                       "[32, or what fits the bundle's context]."),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Greedy tokens generated per device prompt "
+                                             "[32, or what fits]."),
     min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement",
                                                help="Gate: matched-prefix share of the host's tokens, per prompt."),
     as_json: bool = JSON_OPT,
@@ -273,10 +290,9 @@ def validate(
             reference=reference, text=text, max_tokens=max_tokens, prompt_tokens=prompt_tokens,
             decode_tokens=decode_tokens, repeats=repeats))
         on_device = None if device == "host" else device_config(
-            device, gates, prompts=device_prompts, prompt_tokens=device_prompt_tokens, new_tokens=new_tokens,
-            runner=device_runner, python=device_python, ssh_options=tuple(ssh_option), adb=adb,
-            timeout=device_timeout, min_agreement=min_device_agreement, skip_speed=skip_speed,
-            **_given(repeats=repeats))
+            device, gates, prompts=device_prompts, runner=device_runner, python=device_python,
+            ssh_options=tuple(ssh_option), adb=adb, timeout=device_timeout, min_agreement=min_device_agreement,
+            skip_speed=skip_speed, **_given(prompt_tokens=device_prompt_tokens, new_tokens=new_tokens, repeats=repeats))
         result = validate_bundle(bundle, cfg, on_device, Stages(quiet=as_json), images=image or None, junit=junit)
         if as_json:
             _json(result)
@@ -288,18 +304,23 @@ def validate(
 @app.command()
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    prompt_tokens: int = typer.Option(BENCH.prompt_tokens, "-p", "--prompt-tokens", help="pp N: prompt length."),
-    decode_tokens: int = typer.Option(BENCH.decode_tokens, "-n", "--decode-tokens", help="tg N: tokens generated."),
+    prompt_tokens: Optional[int] = typer.Option(None, "-p", "--prompt-tokens", help="pp N: prompt length [128, or "
+                                                "what fits the bundle's context]."),
+    decode_tokens: Optional[int] = typer.Option(None, "-n", "--decode-tokens", help="tg N: tokens generated [64, or "
+                                                "what fits]."),
     repeats: int = typer.Option(BENCH.repeats, "-r", "--repeats", help="Measured runs (after one warm-up)."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Where prompts come from [the demo's held-out sample]."),
+    depth: Optional[str] = typer.Option(None, "-d", "--depth", help="D[,D...]: decode -n tokens after a D-token "
+                                        "context, per D (llama-bench's -d); rows ppD and tgN @ dD, with TTFT and RSS."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Where prompts come from, repeated for a deeper --depth "
+                                        "[the demo's held-out sample]."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
     """llama-bench style speed rows (pp N, tg N: mean ± std tok/s) from ExecuTorch's runner."""
     with _command(as_json, debug):
-        from aot.benchmark import bench_bundle, markdown
+        from aot.benchmark import bench_bundle, markdown, parse_depths
 
-        result = bench_bundle(bundle, prompt_tokens, decode_tokens, repeats, text)
+        result = bench_bundle(bundle, prompt_tokens, decode_tokens, repeats, text, parse_depths(depth))
         print(json.dumps({"ok": True, **result}) if as_json else markdown(result))
 
 
@@ -325,8 +346,10 @@ def farm_package(
     root: Optional[Path] = typer.Option(None, "--root", help="The manifest's output root [build/<manifest name>]."),
     target: Optional[List[str]] = typer.Option(None, "--target", help="Only these targets (repeatable)."),
     device_prompts: int = typer.Option(DEVICE.prompts, "--device-prompts", help="Prompts cut from the target's validation text."),
-    device_prompt_tokens: int = typer.Option(DEVICE.prompt_tokens, "--device-prompt-tokens", help="Tokens per prompt."),
-    new_tokens: int = typer.Option(DEVICE.new_tokens, "--new-tokens", help="Greedy tokens generated per prompt."),
+    device_prompt_tokens: Optional[int] = typer.Option(None, "--device-prompt-tokens", help="Tokens per prompt [32, or "
+                                                       "what fits the target's context]."),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Greedy tokens generated per prompt [32, or "
+                                             "what fits]."),
     repeats: int = typer.Option(DEVICE.repeats, "--repeats", help="Runs of each prompt on each device (speed: median)."),
     min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement", help="Gate, per prompt."),
     as_json: bool = JSON_OPT,

@@ -16,6 +16,8 @@ from pathlib import Path
 from aot.backends import BACKENDS
 from aot.errors import ConfigError
 from aot.families import family_for, model_names
+from aot.families.common import KVCacheSpec
+from aot.preflight import device_memory_errors
 from aot.quant import QuantConfig
 from aot.texts import DEMO_CHECKPOINT, DEMO_DIR  # noqa: F401  (the --model demo checkpoint)
 
@@ -35,11 +37,19 @@ class BuildConfig:
     seed: int = 0
     delegate: str = "xnnpack"
     soc: str | None = None  # NPU delegates' target chip; default: the delegate's first
-    kv_bits: int | None = None  # NPU delegates: KV-cache width; default: the activations' width
+    kv_bits: int | None = None  # NPU delegates: the old spelling of --kv-cache (8 or 16 bits)
     calibration: Path | None = None  # NPU delegates: PT2E calibration text; default: demo held-out
     quant: QuantConfig = field(default_factory=QuantConfig)
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     max_context_len: int = DEFAULT_MAX_CONTEXT_LEN
+    # KV-cache storage: xnnpack fp32 or int8 (ExecuTorch's quantized-cache ops); NPU delegates
+    # int8 or int16 (their activations' width when left out). None: the delegate's default.
+    kv_cache: str | None = None
+    # "SINK,WINDOW": a ring-buffer cache of SINK first positions plus the last WINDOW; the context
+    # (--max-context-len) goes on with fixed memory. None: the cache holds the whole context.
+    attention_sink: str | None = None
+    # The phone's memory for this app ("6GiB"): refuse a bundle whose runtime plan does not fit.
+    device_memory: str | None = None
     bos_id: int | None = None
     eos_ids: tuple[int, ...] | None = None
     full_logits: bool = False
@@ -48,6 +58,12 @@ class BuildConfig:
     force: bool = False
 
     def __post_init__(self):
+        backend = BACKENDS[self.delegate]() if self.delegate in BACKENDS else None
+        if backend is not None and backend.kv_bits:  # NPU: --kv-cache intN is --kv-bits N, either spelling
+            if self.kv_bits is not None and self.kv_cache is None:
+                object.__setattr__(self, "kv_cache", f"int{self.kv_bits}")
+            elif self.kv_bits is None and self.kv_cache in backend.kv_caches:
+                object.__setattr__(self, "kv_bits", int(self.kv_cache.removeprefix("int")))
         if self.model == "demo" and self.checkpoint is None and not self.random_weights:
             object.__setattr__(self, "checkpoint", DEMO_CHECKPOINT)  # the demo ships its weights
         if self.soc is None and self.delegate in BACKENDS and BACKENDS[self.delegate]().socs():
@@ -85,6 +101,8 @@ class BuildConfig:
             )
         if not 2 <= self.max_context_len <= MAX_CONTEXT_LIMIT:
             errors.append(f"--max-context-len must be between 2 and {MAX_CONTEXT_LIMIT}, but got {self.max_context_len}")
+        errors += self._cache_errors()
+        errors += device_memory_errors(self.device_memory)
         if self.bos_id is not None and self.bos_id < 0:
             errors.append(f"--bos-id must be >= 0, but got {self.bos_id}")
         if self.eos_ids is not None and (not self.eos_ids or min(self.eos_ids) < 0):
@@ -97,12 +115,68 @@ class BuildConfig:
             errors.append(f"--calibration applies to NPU delegates (PT2E), not --delegate {self.delegate}; drop it")
         return errors
 
+    def _cache_errors(self) -> list[str]:
+        errors, backend = [], BACKENDS.get(self.delegate)
+        if backend is None:
+            return errors
+        takes = backend.kv_caches
+        if self.kv_cache is not None and self.kv_cache not in takes:
+            errors.append(f"--kv-cache {self.kv_cache}: --delegate {self.delegate} takes "
+                          + (", ".join(takes) if takes else "no --kv-cache; drop it"))
+        elif self.kv_cache is not None and self.quant.scheme == "bf16":
+            errors.append(f"--kv-cache {self.kv_cache}: a --quant bf16 build keeps its cache in bf16 with the rest "
+                          "of the model; drop --kv-cache, or use --quant none or 8da4w")
+        elif self.kv_bits is not None and self.kv_cache is not None and self.kv_cache != f"int{self.kv_bits}":
+            errors.append(f"--kv-bits {self.kv_bits} and --kv-cache {self.kv_cache} disagree; give one (--kv-cache)")
+        if self.attention_sink is not None:
+            sink = parse_attention_sink(self.attention_sink)
+            if isinstance(sink, str):
+                errors.append(sink)
+            elif backend.static_shapes:
+                errors.append(f"--attention-sink: --delegate {self.delegate} attends over a fixed cache; "
+                              "attention sinks are for --delegate xnnpack")
+            elif sum(sink) + self.max_seq_len >= self.max_context_len:
+                errors.append(f"--attention-sink {self.attention_sink}: the sink, the window and a "
+                              f"--max-seq-len chunk ({sum(sink) + self.max_seq_len} positions) cover the whole "
+                              f"context ({self.max_context_len}); drop it, or raise --max-context-len")
+        return errors
+
+    @property
+    def kv_storage(self) -> str | None:
+        """What the KV cache is stored as: xnnpack fp32 or int8; NPUs int8/int16, or None for
+        their activations' width."""
+        backend = BACKENDS[self.delegate]()
+        if backend.kv_bits:
+            return self.kv_cache
+        if self.quant.scheme == "bf16":
+            return "bf16"
+        return self.kv_cache or backend.kv_caches[0]
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """The decoder's cache (XNNPACK builds; static-shape delegates store their own)."""
+        if BACKENDS[self.delegate]().static_shapes:
+            return KVCacheSpec()
+        sink, window = parse_attention_sink(self.attention_sink) if self.attention_sink else (0, 0)
+        return KVCacheSpec(self.kv_storage, sink, window, self.max_seq_len if window else 0)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("out", *PATH_FIELDS):
             d[key] = None if d[key] is None else str(d[key])
         d["eos_ids"] = None if self.eos_ids is None else list(self.eos_ids)
         return d
+
+
+def parse_attention_sink(value: str) -> tuple[int, int] | str:
+    """"SINK,WINDOW" as two ints, or the one-line problem with it."""
+    parts = str(value).replace(" ", "").split(",")
+    try:
+        sink, window = (int(p) for p in parts)
+    except ValueError:
+        return f"--attention-sink takes SINK,WINDOW (e.g. 4,2048: the first 4 positions and the last 2048), not '{value}'"
+    if sink < 0 or window < 1:
+        return f"--attention-sink {value}: SINK must be >= 0 and WINDOW >= 1"
+    return sink, window
 
 
 def delegate_errors(backend, scheme: str, soc: str | None, kv_bits: int | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""`aot inspect`: a bundle's manifest, checked against its files and against the program itself."""
+"""`aot inspect`: a bundle's manifest, checked against its files and against the program itself,
+and the program's runtime memory plan (aot.memplan)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from aot.bundle import PTE_NAME, verify_bundle
 from aot.errors import BundleError
+from aot.memplan import read_memory_plan
 from aot.runner.pte import PteProgram
 
 
@@ -24,4 +26,6 @@ def inspect_bundle(path: Path) -> dict:
     methods = {
         name: program.method_meta(name) for name in program.method_names if name not in metadata
     }
-    return {**manifest, "path": str(root), "program": {"methods": methods, "metadata": metadata}}
+    # read from the program itself: also for bundles built before bundle.json recorded it
+    plan = read_memory_plan(root / PTE_NAME)
+    return {**manifest, "path": str(root), "memory_plan": plan, "program": {"methods": methods, "metadata": metadata}}

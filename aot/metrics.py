@@ -36,20 +36,55 @@ def compare(ref: torch.Tensor, got: torch.Tensor, ids: torch.Tensor) -> dict:
 
 def compare_rows(ref: torch.Tensor, got: torch.Tensor, target: torch.Tensor) -> dict:
     """The metrics over logit rows [n, vocab], row i predicting target[i]."""
+    return summarize(row_metrics(ref, got, target))
+
+
+def row_metrics(ref: torch.Tensor, got: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row figures [n] (so long texts are scored chunk by chunk and summarized per depth):
+    each side's negative log-likelihood of the target, KL(ref || got), top-1 agreement, and the
+    largest logit error."""
     ref, got = ref.float(), got.float()
     ref_logp, got_logp = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-    nll_ref = -ref_logp.gather(1, target[:, None]).mean().item()
-    nll_got = -got_logp.gather(1, target[:, None]).mean().item()
-    kl = max((ref_logp.exp() * (ref_logp - got_logp)).sum(-1).mean().item(), 0.0)  # >= 0 up to rounding
     return {
-        "positions": int(target.numel()),
+        "nll_ref": -ref_logp.gather(1, target[:, None])[:, 0],
+        "nll_got": -got_logp.gather(1, target[:, None])[:, 0],
+        "kl": (ref_logp.exp() * (ref_logp - got_logp)).sum(-1),
+        "top1": (ref.argmax(-1) == got.argmax(-1)).float(),
+        "abs_err": (ref - got).abs().amax(-1),
+    }
+
+
+def summarize(rows: dict[str, torch.Tensor]) -> dict:
+    nll_ref, nll_got = rows["nll_ref"].mean().item(), rows["nll_got"].mean().item()
+    kl = max(rows["kl"].mean().item(), 0.0)  # >= 0 up to rounding
+    return {
+        "positions": int(rows["top1"].numel()),
         "ppl_reference": round(math.exp(nll_ref), 4),
         "ppl_bundle": round(math.exp(nll_got), 4),
         "ppl_ratio": round(math.exp(nll_got - nll_ref), 4),
         "kl_mean": round(kl, 5),
-        "top1_agreement": round((ref.argmax(-1) == got.argmax(-1)).float().mean().item(), 4),
-        "max_abs_logit_error": round((ref - got).abs().max().item(), 4),
+        "top1_agreement": round(rows["top1"].mean().item(), 4),
+        "max_abs_logit_error": round(rows["abs_err"].max().item(), 4),
     }
+
+
+# Depth buckets of `aot validate`: the row predicting token i+1 sits at depth i (tokens before it).
+DEPTH_EDGES = (0, 1024, 4096, 16384, 32768, 65536, 131072)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+
+def by_depth(rows: dict[str, torch.Tensor], edges: tuple[int, ...] = DEPTH_EDGES) -> list[dict]:
+    """summarize() per depth bucket [lo, hi) that holds rows, labelled "0-1K", "1K-4K", ..."""
+    n, out = rows["top1"].numel(), []
+    for lo, hi in zip(edges, edges[1:]):
+        if lo >= n:
+            break
+        part = {k: v[lo:hi] for k, v in rows.items()}
+        out.append({"depth": f"{_k(lo)}-{_k(hi)}", "from": lo, "to": min(hi, n), **summarize(part)})
+    return out
 
 
 _GATES = {  # gate -> (where the figure lives, its key, "min" or "max")
@@ -62,22 +97,30 @@ _GATES = {  # gate -> (where the figure lives, its key, "min" or "max")
 
 
 def check_gates(gates: Gates, accuracy: dict, speed: dict | None) -> list[dict]:
+    """Each gate on the overall figure; the accuracy gates also on each depth bucket when the text
+    reaches past the first (accuracy["by_depth"]), so a long context is held to them throughout."""
     results = [{
         "name": "reference_matches",
         "value": accuracy["top1_agreement"], "threshold": MIN_REFERENCE_AGREEMENT, "op": ">=",
         "ok": accuracy["top1_agreement"] >= MIN_REFERENCE_AGREEMENT,
         "hint": "top-1 agreement this low means --reference is not the model this bundle was built from",
     }]
+    buckets = accuracy.get("by_depth") or []
     for name, threshold in gates.given().items():
         where, key, kind = _GATES[name]
         if where == "speed" and speed is None:
             raise ConfigError(f"--{name.replace('_', '-')} needs the speed runs; drop --skip-speed")
         value = (accuracy if where == "accuracy" else speed)[key]
         value = value["median"] if isinstance(value, dict) else value
-        ok = value >= threshold if kind == "min" else value <= threshold
-        results.append({"name": name, "value": value, "threshold": threshold,
-                        "op": ">=" if kind == "min" else "<=", "ok": ok})
+        results.append(_gate(name, value, threshold, kind))
+        if where == "accuracy" and len(buckets) > 1:
+            results += [_gate(f"{name}@{b['depth']}", b[key], threshold, kind) for b in buckets]
     return results
+
+
+def _gate(name: str, value: float, threshold: float, kind: str) -> dict:
+    ok = value >= threshold if kind == "min" else value <= threshold
+    return {"name": name, "value": value, "threshold": threshold, "op": ">=" if kind == "min" else "<=", "ok": ok}
 
 
 def junit_xml(result: dict) -> str:

@@ -73,5 +73,7 @@ def _flush_c_stdio() -> None:
 
 
 def load_custom_ops() -> None:
-    """Register llama::update_cache / llama::custom_sdpa (eager kernels and export meta functions)."""
+    """Register llama::update_cache / llama::custom_sdpa / llama::custom_quantized_sdpa (eager kernels
+    and export meta functions) and the per-token quantize ops an int8 KV cache uses."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401

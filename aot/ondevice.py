@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,19 +33,22 @@ from aot.native import native_output_silenced
 from aot.runner import device_runner
 from aot.runner.engines import StockEngine
 from aot.runner.text import TokenBytes
-from aot.speed import summary
+from aot.speed import fit_lengths, summary
 from aot.tokenizer import load_tokenizer
 
 RUNNER_SCRIPT = Path(device_runner.__file__)  # the one file copied to ssh devices
 DEFAULT_MIN_AGREEMENT = 1.0  # the same program on the same ISA family: greedy tokens should match
+# Device prompts' tokens (after BOS) and greedy tokens when not given: shrunk to fit a short context.
+PROMPT_TOKENS, NEW_TOKENS = 32, 32
+FLAGS = ("--device-prompt-tokens", "--new-tokens")
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     device: str
     prompts: int = 3
-    prompt_tokens: int = 32
-    new_tokens: int = 32
+    prompt_tokens: int | None = None  # None: PROMPT_TOKENS, or what fits the bundle's context
+    new_tokens: int | None = None  # None: NEW_TOKENS, or what fits
     repeats: int = 3
     runner: Path | None = None  # adb: ExecuTorch's llama_main for the device
     python: str = "python3"  # ssh: the device's Python with the ExecuTorch wheel
@@ -59,10 +62,24 @@ class DeviceConfig:
 
     def __post_init__(self):
         for name in ("prompts", "prompt_tokens", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(self, name)}")
         if not 0 <= self.min_agreement <= 1:
             raise ConfigError(f"--min-device-agreement must be between 0 and 1, but got {self.min_agreement}")
+
+
+def device_lengths(bundle: Bundle, prompt_tokens: int | None, new_tokens: int | None) -> tuple[int, int, bool]:
+    """(prompt tokens after BOS, new tokens, whether a default was shrunk) that fit the bundle's context."""
+    return fit_lengths(bundle.manifest["export"]["max_context_len"], prompt_tokens, new_tokens,
+                       (PROMPT_TOKENS, NEW_TOKENS), FLAGS)
+
+
+def llama_main_lengths(prompt_tokens: int, new_tokens: int, context: int, slack: int = 0) -> tuple[int, int]:
+    """(--seq_len, --max_new_tokens) for llama_main: a prompt of `prompt_tokens` (BOS included) and
+    `new_tokens` more (plus `slack`, for a prompt that re-tokenizes longer), within the context.
+    Both flags: ExecuTorch 1.5.1's runner takes a program whose max_seq_len is below its context for
+    a sliding-window one and lets --seq_len alone run up to seq_len new tokens, past the context."""
+    return min(prompt_tokens + new_tokens + slack, context), min(new_tokens + slack, context - prompt_tokens)
 
 
 def prompts_from_text(ids: list[int], count: int, length: int) -> list[list[int]]:
@@ -118,6 +135,9 @@ def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference:
     bundle.require_text_runner("--device validation (llama_main, device_runner.py)")
     if cfg.device.startswith("adb"):
         require_runner(cfg.runner)  # a config error before any device is touched
+    asked = (cfg.prompt_tokens or PROMPT_TOKENS, cfg.new_tokens or NEW_TOKENS)
+    p, n, shrunk = device_lengths(bundle, cfg.prompt_tokens, cfg.new_tokens)
+    cfg = replace(cfg, prompt_tokens=p, new_tokens=n)
     with stages.stage("connect", cfg.device):
         device = open_device(cfg.device, cfg.ssh_options, cfg.adb, min(cfg.timeout, 60))
         info = device.describe()
@@ -145,6 +165,8 @@ def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference:
         agree, diverge = agreement(host_tokens[i], dev)
         row = {"prompt": i, "prompt_tokens": len(prompt), "device_tokens": dev, "host_tokens": host_tokens[i],
                "agreement_host": round(agree, 4), "first_divergence_host": diverge}
+        if result.get("stop_reasons"):
+            row["stop_reason"] = result["stop_reasons"][i]
         if ref_tokens is not None:
             r_agree, r_div = agreement(ref_tokens[i], dev)
             row.update(reference_tokens=ref_tokens[i], agreement_reference=round(r_agree, 4),
@@ -158,7 +180,8 @@ def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference:
         "device": {**info, **({"runtime": result["device"]} if "device" in result else {})},
         "runner": runner,
         "text": {"file": str(text), "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
-                 "new_tokens": cfg.new_tokens},
+                 "new_tokens": cfg.new_tokens, "prompt_tokens_requested": asked[0], "new_tokens_requested": asked[1],
+                 "defaults_shrunk": shrunk},
         "reference": ref_info,
         "prompts": rows,
         "speed": None if cfg.skip_speed else result.get("speed"),
@@ -233,7 +256,8 @@ def _run_ssh(bundle: Bundle, device, cfg: DeviceConfig, request: dict, stages) -
     if not result.get("ok"):
         hint = {"runtime": f"install the ExecuTorch wheel there (`{cfg.python} -m pip install executorch`) or pass "
                            "--device-python PATH to a Python that has it",
-                "load": "the device's ExecuTorch may be older than the one that built the bundle; match versions"}
+                "load": "the device's ExecuTorch may be older than the one that built the bundle; match versions",
+                "context": f"lower {FLAGS[0]} or {FLAGS[1]}"}
         raise DeviceError(f"--device {device.name}: {result.get('message')}; "
                           + hint.get(result.get("error"), "rerun with --debug"))
     runner = {"kind": "aot device_runner.py (ExecuTorch pybind)", "sha256": sha256_file(RUNNER_SCRIPT),
@@ -261,8 +285,10 @@ def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stag
     with stages.stage("run on device", f"{len(texts)} prompts x {cfg.repeats}"):
         for repeat in range(1 if cfg.skip_speed else cfg.repeats):
             for i, prompt in enumerate(texts):
-                seq_len = len(prompts[i]) + cfg.new_tokens
-                done = device.run(runner_command(directory, bundle.tokenizer.name, prompt, seq_len), timeout=cfg.timeout)
+                seq_len, max_new = llama_main_lengths(len(prompts[i]), cfg.new_tokens,
+                                                      bundle.manifest["export"]["max_context_len"])
+                command = runner_command(directory, bundle.tokenizer.name, prompt, seq_len)
+                done = device.run(f"{command} --max_new_tokens={max_new}", timeout=cfg.timeout)
                 if done.code != 0:
                     tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [str(done.code)]
                     raise DeviceError(f"--device {device.name}: llama_main failed: {tail[0]}")

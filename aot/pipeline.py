@@ -26,7 +26,9 @@ from aot.errors import BuildError
 from aot.families import Family, Program, Source, family_for
 from aot.files import sha256_file
 from aot.methods import export_methods
-from aot.preflight import check
+from aot.native import native_output_silenced
+from aot.memplan import read_memory_plan
+from aot.preflight import check, runtime
 from aot.progress import Stages, return_freed_memory
 from aot.quant import QuantPlan
 from aot.tokenizer import TokenizerInfo
@@ -41,7 +43,10 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
         with Staging(cfg.out, cfg.force) as staging:
             with stages.stage("resolve"):
                 src = family.resolve(cfg)
-            preflight = check(*src.preflight, out_dir=staging.dir, enabled=not cfg.no_preflight)
+            # the phone's plan first (--device-memory: a config problem), then this machine's
+            runtime_plan = runtime(cfg, src.args, *src.preflight[1:], backend=backend)
+            preflight = {**check(*src.preflight, out_dir=staging.dir, enabled=not cfg.no_preflight),
+                         "runtime": runtime_plan}
             with stages.stage("hash inputs"):
                 inputs = hash_inputs(src, cfg, backend)
                 key = input_key(cfg, inputs)
@@ -53,10 +58,11 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
             program.release()  # the eager model goes: two copies of the weights are never alive
             metadata = family.runner_metadata(src, cfg, backend.static_shapes)
             delegation = write_program(programs, backend, src.plan, metadata, stages, staging.dir, src.tokenizer,
-                                       cfg.soc, program.share_mutable_buffers)
+                                       cfg.soc, program.share_mutable_buffers, program.initialized_buffers)
             manifest = bundle_manifest(cfg, family, src, program, inputs, key, metadata, delegation, stages)
             manifest["target"] = {**backend.bundle_fields(cfg), **program.target}
             manifest["build"]["preflight"] = preflight
+            manifest["memory_plan"] = read_memory_plan(staging.dir / PTE_NAME)  # from the bytes just written
             manifest = staging.commit(manifest)
         return {**manifest, "path": str(staging.out)}
     finally:
@@ -95,7 +101,8 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
 
 
 def write_program(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, stages: Stages, out: Path,
-                  tokenizer: TokenizerInfo | None, soc: str | None = None, share_mutable_buffers: bool = False) -> dict:
+                  tokenizer: TokenizerInfo | None, soc: str | None = None, share_mutable_buffers: bool = False,
+                  initialized_buffers: tuple[str, ...] = ()) -> dict:
     """Lower and serialize `programs` into out/model.pte (the lower and serialize stages), copy the
     tokenizer beside it; returns the delegation report. Takes `programs` over: each stage's input
     is dropped as soon as the next exists, so two of them are never alive at once."""
@@ -103,7 +110,7 @@ def write_program(programs: dict, backend: Backend, plan: QuantPlan, metadata: d
         edge = lower(programs, backend, plan, metadata, soc)
     programs.clear()
     with stages.stage("serialize"):
-        program = to_executorch(edge, share_mutable_buffers=share_mutable_buffers)
+        program = to_executorch(edge, share_mutable_buffers=share_mutable_buffers, initialized_buffers=initialized_buffers)
         del edge
         delegation = delegation_report(program)
         with open(out / PTE_NAME, "wb") as f:
@@ -129,11 +136,14 @@ def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, soc
         raise BuildError(f"lowering to {backend.name} failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def to_executorch(edge, share_mutable_buffers: bool = False):
+def to_executorch(edge, share_mutable_buffers: bool = False, initialized_buffers: tuple[str, ...] = ()):
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    with native_output_silenced():  # out variants of quantized_decomposed ops (int8 KV cache, embeddings)
+        import executorch.kernels.quantized  # noqa: F401
     try:
         return edge.to_executorch(
             ExecutorchBackendConfig(
@@ -143,8 +153,11 @@ def to_executorch(edge, share_mutable_buffers: bool = False):
                 # Static-shape methods (prefill, decode) plan their KV-cache buffers in one place.
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False,
                                                         share_mutable_buffers=share_mutable_buffers),
-                emit_mutable_buffer_names=share_mutable_buffers,
+                # The KV cache's tensors carry their names, so the memory plan (aot.memplan) tells
+                # them apart from activations from the .pte alone; the runtime plans them the same.
+                emit_mutable_buffer_names=True,
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                passes=[InitializedMutableBufferPass(list(initialized_buffers))] if initialized_buffers else [],
             )
         )
     except Exception as e:

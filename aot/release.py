@@ -15,6 +15,7 @@ import shlex
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,10 +24,12 @@ from filelock import FileLock, Timeout
 from aot.backends import get_backend
 from aot.bundle import BUNDLE_JSON, PTE_NAME, open_bundle, read_bundle
 from aot.errors import AotError, ConfigError, OutputError, TargetLocked, TargetsFailed
+from aot.families import family_for
 from aot.files import sha256_file, write_atomically
 from aot.manifest import Manifest, Target
 from aot.native import quiet_libraries
 from aot.pipeline import build, fingerprint, versions
+from aot.preflight import parse_size, runtime
 from aot.progress import Stages
 from aot.validate import validate
 
@@ -202,11 +205,33 @@ def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: boo
     return {**index, "path": str(manifest.root / RELEASE_JSON)}
 
 
+def device_fit(cfg) -> dict:
+    """A target's predicted runtime plan against its device_memory, as `aot build` would check it
+    before building (aot.preflight.runtime); resolving the model reads its checkpoint's config."""
+    fit = {"device_memory_bytes": parse_size(cfg.device_memory)}
+    try:
+        src = family_for(cfg).resolve(cfg)
+        predict = {"args": src.args, "kinds": src.preflight[1], "text_plan": src.preflight[2],
+                   "vision_plan": (src.preflight[3:] or (None,))[0], "backend": get_backend(cfg.delegate)}
+        est = runtime(replace(cfg, device_memory=None), **predict)
+    except AotError as e:
+        return {**fit, "fits": None, "reason": f"not predicted: {e}"}
+    fit.update(predicted_at_load_bytes=est["at_load_bytes"], biggest=est["biggest"],
+               fits=est["at_load_bytes"] <= fit["device_memory_bytes"])
+    if not fit["fits"]:
+        try:
+            runtime(cfg, **predict)
+        except ConfigError as e:  # the refusal `aot build` would print, with what would make it fit
+            fit["reason"] = str(e)
+    return fit
+
+
 def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None, devices: tuple[str, ...] = (),
          device_runner: str | None = None) -> str:
     """The target list as a CI job matrix: one `aot build --manifest F --target N` per job, and with
     `devices`, one `aot validate BUNDLE --device D` job per host-runnable target and device (each
-    needs its target's build job; NPU bundles run with their vendor runtime and are left out)."""
+    needs its target's build job; NPU bundles run with their vendor runtime and are left out). In
+    the json format, a target with device_memory also shows its predicted runtime plan against it."""
     if fmt not in ("json", "github"):
         raise ConfigError(f"--format must be json or github, but got '{fmt}'")
 
@@ -218,6 +243,8 @@ def plan(manifest: Manifest, fmt: str, manifest_arg: str, root_arg: str | None, 
         cfg = t.build
         jobs.append({"target": t.name, "model": cfg.model, "delegate": cfg.delegate, "quant": cfg.quant.scheme,
                      "out": t.out, "command": shlex.join(command)})
+        if cfg.device_memory is not None and fmt == "json":
+            jobs[-1]["memory"] = device_fit(cfg)
     for t in manifest.targets:
         if get_backend(t.build.delegate).static_shapes:
             continue

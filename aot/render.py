@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from aot.bundle import PTE_NAME
+from aot.memplan import size
 
 
 def bundle(out: Console, b: dict, verified: bool) -> None:
@@ -43,6 +44,41 @@ def bundle(out: Console, b: dict, verified: bool) -> None:
                   f"{d['delegated_subgraphs']} subgraphs; on CPU: {cpu}")
     if "build" in b:
         out.print(f"  built in {b['build']['total_seconds']:.1f} s, peak RSS {b['build']['peak_rss_mib'] / 1024:.2f} GiB")
+    if b.get("memory_plan"):
+        memory_plan(out, b["memory_plan"], ((b.get("build") or {}).get("preflight") or {}).get("runtime"))
+
+
+def memory_plan(out: Console, p: dict, predicted: dict | None = None) -> None:
+    """The runtime memory plan (aot.memplan) of `aot build` and `aot inspect`, and the prediction
+    the build made before it started (aot.preflight.runtime)."""
+    t = p["total"]
+    out.print(f"  memory    {size(t['at_load_bytes'])} at load: planned {size(t['planned_bytes'])}, delegate "
+              f"{size(t['delegate_bytes'])}, constants {size(t['constants_bytes'])} (mmapped); biggest: "
+              f"{t['biggest']['name']} {size(t['biggest']['bytes'])}")
+    idle = [name for name, m in p["methods"].items() if not (m["planned_bytes"] or m["delegate_bytes"] or m["constants_bytes"])]
+    for name, m in p["methods"].items():
+        if name in idle:
+            continue
+        split = (f" = KV cache {size(m['mutable_buffers_bytes'])} + activations {size(m['activations_bytes'])}"
+                 + (f" + {size(m['unused_arena_bytes'])} of arenas it plans nothing into" if m["unused_arena_bytes"] else "")
+                 if m["mutable_buffers_bytes"] is not None else " (the program names no mutable buffer: cache and "
+                 "activations not told apart)")
+        delegates = "".join(f"; {d} {size(e['payload_bytes'] + e['named_data_bytes'])} in {e['subgraphs']} subgraphs"
+                            for d, e in m["delegates"].items())
+        out.print(f"    {name:<14} planned {size(m['planned_bytes'])}{split}{delegates}; constants {size(m['constants_bytes'])}")
+        for g in m["mutable_buffers"]:
+            out.print(f"    {'':<14} {g['name']} {g['dtype']} {g['shape']} x {g['count']}: {size(g['bytes'])}")
+    if idle:
+        out.print(f"    {len(idle)} constant methods ({', '.join(idle[:3])}{', ...' if len(idle) > 3 else ''}): nothing planned")
+    for a in t.get("shared_arenas", []):
+        out.print(f"    arena {a['arena']} shared by {', '.join(a['methods'])}: one allocation of {size(a['bytes'])}")
+    for u in p.get("unknown", []):
+        out.print(f"    not counted: {u}")
+    if predicted:
+        fit = ""
+        if "device_memory_bytes" in predicted:
+            fit = f", fits --device-memory {size(predicted['device_memory_bytes'])}"
+        out.print(f"    predicted before building: {size(predicted['at_load_bytes'])} at load{fit}")
 
 
 def targets(out: Console, root: Path, results: list[dict]) -> None:
@@ -79,6 +115,12 @@ def generation(err: Console, g) -> None:
     err.print(f"[dim]{g.engine}: load {g.load_s * 1000:.0f} ms, first token {g.ttft_s * 1000:.1f} ms, "
               f"prefill {g.prefill_tps:.1f} tok/s ({g.prompt_tokens} tokens), "
               f"decode {g.decode_tps:.1f} tok/s ({g.generated_tokens} tokens)[/dim]")
+    if g.prompt_truncated_from:
+        err.print(f"[yellow]prompt truncated (--truncate-prompt): kept BOS and its last {g.prompt_tokens - 1} of "
+                  f"{g.prompt_truncated_from - 1} tokens to fit the {g.max_context_len}-token context[/yellow]")
+    if g.stop_reason == "context":
+        err.print(f"[yellow]stopped at the bundle's context: {g.prompt_tokens} prompt + {g.generated_tokens} generated "
+                  f"tokens fill all {g.max_context_len}; rebuild with a larger --max-context-len to go on[/yellow]")
 
 
 def simulation(out: Console, result: dict) -> None:
@@ -103,6 +145,11 @@ def validation(out: Console, r: dict) -> None:
               + ("" if ref["is_build_input"] else "  [yellow](not the build's input files)[/yellow]"))
     out.print(f"  text       {r['text']['file']} ({r['text']['tokens']} tokens, {a['positions']} predictions)")
     accuracy(out, a, "bundle")
+    buckets = a.get("by_depth") or []
+    if len(buckets) > 1:
+        for b in buckets:
+            out.print(f"    depth {b['depth']:<9} {b['positions']:>6} positions  ppl ratio {b['ppl_ratio']:.4f}  "
+                      f"top-1 {b['top1_agreement']:.2%}  KL {b['kl_mean']:.5f}")
     effect = r.get("image_effect")
     if effect:
         out.print(f"  image      without it the reference moves by mean KL {effect['kl_mean']:.5f}, top-1 "
@@ -111,6 +158,9 @@ def validation(out: Console, r: dict) -> None:
             out.print(f"    {i['image']:<20} {i['tiles']} tiles  KL {i['kl_mean']:.5f}  top-1 {i['top1_agreement']:.2%}  "
                       f"image effect KL {i['image_effect_kl']:.5f}")
         s = None
+    if s and s.get("defaults_shrunk"):
+        out.print(f"  lengths    the speed run's defaults ({s['prompt_tokens_requested']} + {s['decode_tokens_requested']}"
+                  f" tokens) shrunk to fit the bundle's context; --prompt-tokens/--decode-tokens choose")
     if s:
         out.print(f"  speed      load {s['load_s'] * 1000:.0f} ms; prefill {s['prefill_tps']['median']:.1f} tok/s "
                   f"({s['prompt_tokens']} tokens), decode {s['decode_tps']['median']:.1f} tok/s "
@@ -133,6 +183,10 @@ def device_validation(out: Console, result: dict) -> None:
     out.print(f"[bold]{result['model']}[/bold] ({result['quant']}) on {d.get('name')}: "
               f"{d.get('model') or d.get('uname', '')} {d.get('cpu', '')}, {d.get('cores', '?')} cores, "
               f"{d.get('memory_mib', '?')} MiB")
+    t = result.get("text") or {}
+    if t.get("defaults_shrunk"):
+        out.print(f"  lengths {t['prompt_tokens']} + {t['new_tokens']} tokens per prompt (the defaults "
+                  f"{t['prompt_tokens_requested']} + {t['new_tokens_requested']} shrunk to fit the bundle's context)")
     for r in result["prompts"]:
         ref = f", reference {r['agreement_reference']:.0%}" if "agreement_reference" in r else ""
         div = "" if r["first_divergence_host"] is None else f" (differs from token {r['first_divergence_host']})"

@@ -40,7 +40,8 @@ class SimulateConfig:
     calibration_windows: int = 8
     group_size: int = 32  # block size of block-wise schemes
     prefill_len: int | None = None  # default: half of max_tokens
-    kv_bits: int | None = None
+    kv_bits: int | None = None  # the old spelling of kv_cache (8 or 16)
+    kv_cache: str | None = None  # int8 or int16; default: the activations' width
     soc: str | None = None  # recorded; the simulation is the same for every chip
     model: str | None = None  # only "demo" (the embedded model) stands in for --checkpoint
 
@@ -49,6 +50,12 @@ class SimulateConfig:
             if self.model != "demo":
                 raise ConfigError("give --checkpoint DIR, or --model demo for the embedded demo model")
             object.__setattr__(self, "checkpoint", DEMO_CHECKPOINT)
+        if self.kv_cache is not None:
+            bits = {"int8": 8, "int16": 16}.get(self.kv_cache)
+            if bits is None or (self.kv_bits is not None and self.kv_bits != bits):
+                raise ConfigError(f"--kv-cache {self.kv_cache}: the NPU recipes store int8 or int16"
+                                  + (f", and --kv-bits {self.kv_bits} disagrees" if bits else ""))
+            object.__setattr__(self, "kv_bits", bits)
 
 
 def simulate(cfg: SimulateConfig, stages) -> dict:

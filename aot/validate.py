@@ -8,7 +8,7 @@ Gates turn the figures into one exit code. The result is a plain dict; the table
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +18,10 @@ from aot.errors import CheckpointError, ConfigError
 from aot.families.text.family import TextFamily
 from aot.families.text.model import ModelArgs
 from aot.files import sha256_file
-from aot.metrics import Gates, check_gates, compare
+from aot.metrics import Gates, by_depth, check_gates, row_metrics, summarize
 from aot.native import native_output_silenced
 from aot.runner.engines import PythonEngine
-from aot.speed import measure_speed
+from aot.speed import PROMPT_TOKENS, measure_speed
 from aot.texts import text_file
 from aot.validate_vision import validate_vision
 
@@ -31,15 +31,15 @@ class ValidateConfig:
     reference: Path | None = None  # default: the checkpoint recorded in bundle.json
     text: Path | None = None  # default: the demo model's held-out sample
     max_tokens: int = 512
-    prompt_tokens: int = 128
-    decode_tokens: int = 64
+    prompt_tokens: int | None = None  # speed: None = aot.speed's default (128), or what fits the context
+    decode_tokens: int | None = None  # speed: None = 64, or what fits
     repeats: int = 3
     skip_speed: bool = False
     gates: Gates = field(default_factory=Gates)
 
     def __post_init__(self):
         for name in ("max_tokens", "prompt_tokens", "decode_tokens", "repeats"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(self, name)}")
 
 
@@ -50,7 +50,7 @@ def validate(bundle: Bundle, cfg: ValidateConfig, stages, images: list[Path] | N
         if gated:
             raise ConfigError(f"--{gated[0].replace('_', '-')}: vision bundles report the image encoder's time; "
                               "measure token speed with `aot run --image ... --json`")
-        return validate_vision(bundle, cfg, stages, images)
+        return validate_vision(bundle, replace(cfg, prompt_tokens=cfg.prompt_tokens or PROMPT_TOKENS), stages, images)
     if images:
         raise ConfigError(f"--image: {bundle.root} is a text bundle; images need a vision bundle")
     source = text_file(cfg.text)
@@ -63,12 +63,13 @@ def validate(bundle: Bundle, cfg: ValidateConfig, stages, images: list[Path] | N
     speed = None
     if not cfg.skip_speed:
         with stages.stage("speed", f"{cfg.repeats} runs"):
-            speed = measure_speed(bundle, ids, scorer.token_bytes, cfg.prompt_tokens, cfg.decode_tokens, cfg.repeats)
+            speed = measure_speed(bundle, ids, cfg.prompt_tokens, cfg.decode_tokens, cfg.repeats)
     with stages.stage("reference", "fp32 eager"):
-        reference, ref_logits = reference_logits(bundle, cfg.reference, ids)
-    with stages.stage("score bundle", f"{len(ids)} tokens"):
-        logits = scorer.score(ids)
-    accuracy = compare(ref_logits, logits, torch.tensor(ids))
+        reference, ref_model = reference_model(bundle, cfg.reference, len(ids))
+    chunk = scorer.max_seq_len
+    with stages.stage("score", f"{len(ids)} tokens, teacher-forced in {chunk}-token chunks"):
+        rows = score_rows(scorer, ref_model, ids, chunk)
+    accuracy = {**summarize(rows), "by_depth": by_depth(rows)}
     gates = check_gates(cfg.gates, accuracy, speed)
     return {
         "bundle": str(bundle.root),
@@ -83,8 +84,9 @@ def validate(bundle: Bundle, cfg: ValidateConfig, stages, images: list[Path] | N
     }
 
 
-def reference_logits(bundle: Bundle, reference: Path | None, ids: list[int]) -> tuple[dict, torch.Tensor]:
-    """Eager fp32 logits of the reference checkpoint, [len(ids), vocab], and what it was."""
+def reference_model(bundle: Bundle, reference: Path | None, positions: int) -> tuple[dict, torch.nn.Module]:
+    """The reference checkpoint's eager fp32 model (full logits, a cache of `positions`), and what
+    it was."""
     recorded = bundle.manifest.get("checkpoint")
     if reference is None:
         if not recorded:
@@ -106,9 +108,22 @@ def reference_logits(bundle: Bundle, reference: Path | None, ids: list[int]) -> 
         )
     inputs = bundle.manifest.get("inputs", {})
     same_files = all(inputs.get(str(f), {}).get("sha256") == sha256_file(f) for f in ckpt.weight_files)
-    model = family.reference(ckpt, bundle.manifest["export"]["max_context_len"], full_logits=True)
+    # rotary tables depend on the position only: a cache as long as the text gives the same logits
+    model = family.reference(ckpt, max(positions, 2), full_logits=True)
+    return {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "is_build_input": same_files}, model
+
+
+def score_rows(scorer: PythonEngine, reference: torch.nn.Module, ids: list[int], chunk: int) -> dict[str, torch.Tensor]:
+    """Teacher-forced, chunk by chunk (the bundle's prefill length): the bundle's and the
+    reference's logits for each chunk, reduced to per-position figures (metrics.row_metrics) before
+    the next, so a 128K-token text never holds 128K rows of logits."""
+    parts = []
     with torch.no_grad(), native_output_silenced():  # the eager custom ops log per call
-        logits = model(torch.tensor([ids]), torch.tensor([0]))[0]
-    return {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "is_build_input": same_files}, logits
-
-
+        for pos in range(0, len(ids) - 1, chunk):
+            window = ids[pos : pos + chunk]
+            target = torch.tensor(ids[pos + 1 : pos + chunk + 1])
+            ref = reference(torch.tensor([window]), torch.tensor([pos]))[0]
+            got = scorer.score_chunk(window, pos)
+            n = target.numel()  # the text's last row predicts nothing
+            parts.append(row_metrics(ref[:n], got[:n], target))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

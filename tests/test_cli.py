@@ -173,12 +173,12 @@ def test_doctor_json():
 
 # ---- defaults live in the config dataclasses; the CLI shows and passes theirs -------------------
 
+# Lengths that default to what fits the bundle's context (None in the dataclasses) show their
+# default numbers in the help text: tests/test_context_limit.py checks those.
 HELP_DEFAULTS = [  # (command, flag, "module:Class.field")
     (["validate"], "--device-python", "aot.ondevice:DeviceConfig.python"),
     (["validate"], "--device-timeout", "aot.ondevice:DeviceConfig.timeout"),
     (["validate"], "--device-prompts", "aot.ondevice:DeviceConfig.prompts"),
-    (["validate"], "--device-prompt-tokens", "aot.ondevice:DeviceConfig.prompt_tokens"),
-    (["validate"], "--new-tokens", "aot.ondevice:DeviceConfig.new_tokens"),
     (["validate"], "--min-device-agreement", "aot.ondevice:DeviceConfig.min_agreement"),
     (["farm", "package"], "--repeats", "aot.ondevice:DeviceConfig.repeats"),
     (["simulate"], "--quant", "aot.simulate:SimulateConfig.scheme"),
@@ -187,7 +187,6 @@ HELP_DEFAULTS = [  # (command, flag, "module:Class.field")
     (["simulate"], "--calibration-windows", "aot.simulate:SimulateConfig.calibration_windows"),
     (["run"], "--max-new-tokens", "aot.generate:RunConfig.max_new_tokens"),
     (["run"], "--temperature", "aot.generate:RunConfig.temperature"),
-    (["bench"], "--prompt-tokens", "aot.generate:BenchConfig.prompt_tokens"),
     (["bench"], "--repeats", "aot.generate:BenchConfig.repeats"),
 ]
 
@@ -261,8 +260,6 @@ BRACKETED = [  # defaults written into help text as "[value]": they must stay th
     (["build"], "--max-context-len", "aot.config:BuildConfig.max_context_len"),
     (["build"], "--quant", "aot.quant:QuantConfig.scheme"),
     (["validate"], "--max-tokens", "aot.validate:ValidateConfig.max_tokens"),
-    (["validate"], "--prompt-tokens", "aot.validate:ValidateConfig.prompt_tokens"),
-    (["validate"], "--decode-tokens", "aot.validate:ValidateConfig.decode_tokens"),
     (["validate"], "--repeats", "aot.validate:ValidateConfig.repeats"),
     (["simulate"], "--group-size", "aot.simulate:SimulateConfig.group_size"),
 ]

@@ -110,3 +110,16 @@ def test_python_engine_samples_at_the_given_temperature():
     engine.token_bytes = lambda toks: ids.extend(toks) or b"x"
     engine.generate("hi", 3000, temperature=2.0, seed=2)
     assert len(ids) == 3000 and chi2(ids, 2.0) < CHI2_BOUND and chi2(ids, 1.0) > 10 * CHI2_BOUND
+
+
+def test_python_engine_stops_at_the_context_and_truncates_on_request():
+    engine = _engine(LOGITS)
+    engine.max_context_len = 10
+    gen = engine.generate("hi", 50)  # BOS + 2 prompt tokens: 7 positions left
+    assert (gen.prompt_tokens, gen.generated_tokens, gen.stop_reason) == (3, 7, "context")
+    assert engine.generate("hi", 4).stop_reason == "max_new_tokens"
+    engine.tokenizer = type("T", (), {"encode": lambda self, text, bos, eos: list(range(3, 20))})()
+    with pytest.raises(engines.ConfigError, match="18 tokens .* holds 10"):
+        engine.generate("long", 4)
+    cut = engine.generate("long", 4, truncate=True)
+    assert (cut.prompt_truncated_from, cut.prompt_tokens, cut.generated_tokens) == (18, 6, 4)

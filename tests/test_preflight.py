@@ -71,3 +71,76 @@ def test_available_memory_reads_this_machine():
     have = preflight.available_memory()
     assert have is not None and 0 < have < 1 << 50
     assert Path("/proc/meminfo").is_file()
+
+
+# ---- the runtime plan predicted before building (tests/test_memplan.py checks it against built .pte files)
+
+
+def test_parse_size():
+    assert preflight.parse_size("6GiB") == 6 * GIB and preflight.parse_size("3.5 GiB") == int(3.5 * GIB)
+    assert preflight.parse_size("512MiB") == 512 * 2**20 and preflight.parse_size("6GB") == 6 * 10**9
+    assert preflight.parse_size("8gib") == 8 * GIB
+    for bad in ("6", "GiB", "six GiB", "6 GiBs", "nan GiB", "inf GiB"):
+        with pytest.raises(ValueError, match="--device-memory takes a size with a unit"):
+            preflight.parse_size(bad)
+    assert preflight.device_memory_errors("0 MiB") == ["--device-memory must be more than 0, but got '0 MiB'"]
+    assert preflight.device_memory_errors(None) == preflight.device_memory_errors("1 GiB") == []
+
+
+def test_kv_cache_per_position_for_the_real_sizes():
+    """LLAMA32.md: per position 1B 64 KiB, 3B 224 KiB in fp32; int8 with ExecuTorch's per (token,
+    head) fp32 scale and int8 zero point: 2.16 / 7.27 GiB at 131072 positions."""
+    one, three = MODELS["1b"], MODELS["3b"]
+    assert preflight.kv_bytes_per_position(one, "fp32") == 64 * 1024
+    assert preflight.kv_bytes_per_position(three, "fp32") == 224 * 1024
+    assert preflight.kv_bytes_per_position(one, "int8") == 2 * 16 * 8 * (64 + 5)
+    assert preflight.kv_bytes_per_position(one, "int8") * 131072 / GIB == pytest.approx(2.16, abs=0.005)
+    assert preflight.kv_bytes_per_position(three, "int8") * 131072 / GIB == pytest.approx(7.27, abs=0.005)
+    assert preflight.kv_bytes_per_position(one, "fp32", "bfloat16") == 32 * 1024  # bf16 builds convert the cache
+
+
+def _cfg(**fields):
+    from aot.config import build_config
+
+    return build_config(Path("/nonexistent/out"), model="1b", random_weights=True, bos_id=1, eos_ids=[2], **fields)
+
+
+def _runtime(cfg):
+    from aot.backends import get_backend
+
+    args = MODELS[cfg.model]
+    return preflight.runtime(cfg, args, args.params_by_kind(), cfg.quant.plan(), backend=get_backend(cfg.delegate))
+
+
+def test_runtime_prediction_of_the_1b_at_128k():
+    fp32 = _runtime(_cfg(max_context_len=131072))
+    assert fp32["kv_cache_bytes"] == 8 * GIB and fp32["biggest"] == "kv_cache"
+    assert fp32["rope_tables_bytes"] == 131072 * 64 * 4  # cos and sin, [131072, 32] fp32 each
+    int8 = _runtime(_cfg(max_context_len=131072, kv_cache="int8"))
+    assert int8["at_load_bytes"] < 3.5 * GIB  # issue 19's target for the 1B, 8da4w, int8 cache, 128K
+    sink = _runtime(_cfg(max_context_len=131072, attention_sink="4,2048"))
+    assert sink["kv_cache"]["positions"] == 4 + 2048 + 128 and sink["kv_cache_bytes"] == (4 + 2048 + 128) * 64 * 1024
+
+
+def test_device_memory_names_the_biggest_part_and_fixes_that_fit():
+    from aot.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _runtime(_cfg(max_context_len=131072, device_memory="6GiB"))
+    message = str(e.value)
+    assert "\n" not in message and "the biggest part is the KV cache, 8.00 GiB" in message
+    assert "--kv-cache int8 (about 3.19 GiB)" in message
+    n = int(message.split("--max-context-len ")[1].split(",")[0])
+    window = int(message.split("--attention-sink 4,")[1].split(" ")[0])
+    assert _runtime(_cfg(max_context_len=n, device_memory="6GiB"))["fits"] is True
+    with pytest.raises(ConfigError):  # and the suggestion is the longest (to 1024 positions)
+        _runtime(_cfg(max_context_len=n + 1024, device_memory="6GiB"))
+    fits = _runtime(_cfg(max_context_len=131072, attention_sink=f"4,{window}", device_memory="6GiB"))
+    assert fits["fits"] is True and fits["device_memory_bytes"] == 6 * GIB
+    # an int8 cache that is still too long: a shorter context with it; weights too big: a smaller model
+    with pytest.raises(ConfigError, match=r"to fit: --max-context-len 15360, or --kv-cache int8 --max-context-len \d+, or"):
+        _runtime(_cfg(max_context_len=131072, device_memory="2GiB"))
+    with pytest.raises(ConfigError, match=r"to fit: a smaller model: not even the shortest cache fits beside the weights \(1023.3 MiB\)$"):
+        _runtime(_cfg(max_context_len=2048, device_memory="1GiB"))
+    with pytest.raises(ConfigError, match=r"a smaller model or a 4-bit --quant \(8da4w\)"):
+        _runtime(_cfg(max_context_len=2048, quant="none", device_memory="4GiB"))

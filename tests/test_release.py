@@ -26,7 +26,9 @@ HAND_KEPT_FIELDS = {
     "embedding_quant": ((str, int), "quant", "embedding"),
     "embedding_group_size": ((int,), "quant", "embedding_group_size"),
     "output_quant": ((str,), "quant", "output"), "max_seq_len": ((int,), "build", "max_seq_len"),
-    "max_context_len": ((int,), "build", "max_context_len"), "bos_id": ((int,), "build", "bos_id"),
+    "max_context_len": ((int,), "build", "max_context_len"), "kv_cache": ((str,), "build", "kv_cache"),
+    "attention_sink": ((str,), "build", "attention_sink"), "device_memory": ((str,), "build", "device_memory"),
+    "bos_id": ((int,), "build", "bos_id"),
     "eos_ids": ((list,), "build", "eos_ids"), "full_logits": ((bool,), "build", "full_logits"),
     "vision_quant": ((str,), "build", "vision_quant"), "no_preflight": ((bool,), "build", "no_preflight"),
 }

@@ -31,6 +31,9 @@ class Backend:
     quantizes_at_load: bool = True  # the family applies the torchao plan while loading
     # KV-cache bit widths the delegate's recipe can store (--kv-bits); empty: not configurable.
     kv_bits: tuple[int, ...] = ()
+    # --kv-cache values the delegate takes, the default first (static-shape delegates: their
+    # kv_bits as int8/int16, default the activations' width); empty: not configurable.
+    kv_caches: tuple[str, ...] = ()
 
     def socs(self) -> tuple[str, ...]:
         """Target chips `--soc` takes, the default first; empty when the delegate has none."""

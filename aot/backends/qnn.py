@@ -116,6 +116,7 @@ class Qnn(StaticShapeBackend):
     description = "Qualcomm Hexagon NPU (HTP) through QNN; host simulation of the recipe"
     schemes = tuple(QNN_SCHEMES)
     kv_bits = (8, 16)
+    kv_caches = ("int8", "int16")
 
     def socs(self) -> tuple[str, ...]:
         return soc_names()

@@ -15,6 +15,7 @@ class Xnnpack(Backend):
     name = "xnnpack"
     description = "CPU (arm64, x86-64) through XNNPACK"
     schemes = ("none", "bf16", "8da4w", "8da8w", "spinquant")
+    kv_caches = ("fp32", "int8")
 
     def __init__(self, free_packed_weights: bool = True, hold_int4_packed: bool = True):
         # free_packed_weights: release each delegated weight as soon as XNNPACK has packed it

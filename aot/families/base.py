@@ -39,6 +39,9 @@ class Program:
     # Plan mutable buffers (KV caches) apart from the arenas the methods share, so running one
     # method between calls of another cannot overwrite them (vision, static prefill/decode).
     share_mutable_buffers: bool = False
+    # Mutable buffers (by name fragment) serialized with their initial contents, which the runtime
+    # copies in at load; the rest have none (ExecuTorch plans them by shape only).
+    initialized_buffers: tuple[str, ...] = ()
     target: dict = field(default_factory=dict)  # bundle.json "target" fields the methods add
     label: str | None = None  # the export stage's detail; default: the method names
     exported: dict = field(default_factory=dict)  # the signatures of methods already exported

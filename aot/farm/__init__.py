@@ -28,7 +28,7 @@ from aot.farm import aws as farm_aws
 from aot.files import sha256_file, write_atomically
 from aot.gates import raise_if_gates_failed
 from aot.metrics import junit_suite
-from aot.ondevice import agreement, agreement_gate, prompts_from_text, speed_gate
+from aot.ondevice import agreement, agreement_gate, device_lengths, llama_main_lengths, prompts_from_text, speed_gate
 from aot.release import RELEASE_JSON
 from aot.runner.engines import StockEngine
 from aot.runner.text import TokenBytes
@@ -37,12 +37,13 @@ from aot.tokenizer import load_tokenizer
 
 FORMAT = "aot-farm-package"
 # llama_main's --seq_len counts the prompt as it re-tokenizes the text; a little room keeps it from
-# stopping short of --new-tokens (the surplus is cut off when collected).
+# stopping short of --new-tokens (the surplus is cut off when collected), never past the context.
 SEQ_SLACK = 8
 RESULTS_FORMAT = "aot-farm-results"
 
 
-def _script(target: str, directory: str, files: list[str], tokenizer: str, seq_lens: list[int], repeats: int) -> str:
+def _script(target: str, directory: str, files: list[str], tokenizer: str, lengths: list[tuple[int, int]],
+            repeats: int) -> str:
     lines = [
         "#!/bin/sh",
         f"# aot farm: validate target {target} on one Android device; raw outputs go to OUT.",
@@ -63,18 +64,19 @@ def _script(target: str, directory: str, files: list[str], tokenizer: str, seq_l
     lines += [f'a push "$HERE/{f}" "$DIR/{f}" > /dev/null || {{ echo "push {f} failed" >&2; exit 1; }}' for f in files]
     lines.append('a shell chmod 755 "$DIR/llama_main"')
     for r in range(repeats):
-        for i, seq_len in enumerate(seq_lens):
+        for i, (seq_len, max_new) in enumerate(lengths):
             lines.append(
                 f'a shell "cd $DIR && ./llama_main --model_path=model.pte --tokenizer_path={tokenizer} '
-                f'--prompt=\\"\\$(cat prompt{i}.txt)\\" --temperature=0 --seq_len={seq_len}" '
+                f'--prompt=\\"\\$(cat prompt{i}.txt)\\" --temperature=0 --seq_len={seq_len} --max_new_tokens={max_new}" '
                 f'> "$OUT/prompt{i}.run{r}.out" 2> "$OUT/prompt{i}.run{r}.err" '
                 f'|| echo "llama_main exit $?" >> "$OUT/prompt{i}.run{r}.err"')
     lines.append('echo "aot: results in $OUT"')
     return "\n".join(lines) + "\n"
 
 
-def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_tokens: int, new_tokens: int,
-            repeats: int, min_agreement: float, stages) -> dict:
+def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_tokens: int | None,
+            new_tokens: int | None, repeats: int, min_agreement: float, stages) -> dict:
+    """prompt_tokens/new_tokens None: aot.ondevice's defaults, shrunk to fit each target's context."""
     runner = require_runner(runner)
     targets = manifest.select(names)
     missing = [t.name for t in targets if not (manifest.root / t.out / "bundle.json").is_file()]
@@ -92,17 +94,19 @@ def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_token
             bundle = open_bundle(manifest.root / target.out)
             bundle.require_host_runnable()
             v = target.validate
+            length, new, _ = device_lengths(bundle, prompt_tokens, new_tokens)
+            context = bundle.manifest["export"]["max_context_len"]
             with stages.stage("expected", target.name):
                 tokenizer, _ = load_tokenizer(bundle.tokenizer)
                 text = text_file(v.text if v else None)
                 ids = [bundle.manifest["bos_id"]] + list(tokenizer.encode(text.read_text(errors="replace"), 0, 0))
-                cut = prompts_from_text(ids, prompts, prompt_tokens)
+                cut = prompts_from_text(ids, prompts, length)
                 token_bytes = TokenBytes(bundle.tokenizer)
                 # The run script hands each prompt over as "$(cat promptN.txt)", which drops trailing
                 # newlines: the host's expected tokens are computed from the same text.
                 texts = [token_bytes(p[1:]).decode("utf-8", errors="ignore").rstrip("\n") for p in cut]
                 engine = StockEngine(bundle)
-                host = [list(tokenizer.encode(engine.generate(t, new_tokens).text, 0, 0))[:new_tokens] for t in texts]
+                host = [list(tokenizer.encode(engine.generate(t, new).text, 0, 0))[:new] for t in texts]
             folder = staging / target.name
             folder.mkdir()
             tok = bundle.tokenizer.name
@@ -115,7 +119,7 @@ def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_token
                 "format": FORMAT, "target": target.name, "model": bundle.manifest["model"]["name"],
                 "quant": bundle.manifest["quant"]["scheme"], "pte_sha256": sha, "tokenizer": tok,
                 "runner_sha256": sha256_file(runner), "prompts": texts, "prompt_tokens": [len(p) for p in cut],
-                "new_tokens": new_tokens, "repeats": repeats, "host_tokens": host,
+                "new_tokens": new, "repeats": repeats, "host_tokens": host,
                 "gates": {"min_agreement": min_agreement,
                           "min_prefill_tps": getattr(v.gates, "min_prefill_tps", None) if v else None,
                           "min_decode_tps": getattr(v.gates, "min_decode_tps", None) if v else None},
@@ -123,7 +127,7 @@ def package(manifest, names, out: Path, runner: Path, prompts: int, prompt_token
             (folder / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
             files = ["model.pte", tok, "llama_main"] + [f"prompt{i}.txt" for i in range(len(texts))]
             script = _script(target.name, f"{DEVICE_ROOT}/{sha[:16]}", files, tok,
-                             [len(p) + new_tokens + SEQ_SLACK for p in cut], repeats)
+                             [llama_main_lengths(len(p), new, context, SEQ_SLACK) for p in cut], repeats)
             (folder / "run_on_device.sh").write_text(script)
             (folder / "run_on_device.sh").chmod(0o755)
             spec = farm_aws.test_spec(target.name)

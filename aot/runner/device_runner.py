@@ -10,8 +10,10 @@ the baseline the device is compared with, so both sides run the same code.
 
 request.json: {"pte": "model.pte", "prompts": [[token ids], ...], "new_tokens": N, "repeats": R}
 (prompts start with BOS; the host tokenizes, so the device needs no tokenizer). result.json:
-{"ok": true, "tokens": [[generated ids per prompt]], "speed": {...}, "device": {...}} or
-{"ok": false, "error": "runtime" | "load" | "run", "message": "..."}. Exit code 0 when ok.
+{"ok": true, "tokens": [[generated ids per prompt]], "stop_reasons": ["eos" | "max_new_tokens" |
+"context", ...], "speed": {...}, "device": {...}} or {"ok": false, "error": "runtime" | "load" |
+"context" | "run", "message": "..."}. Exit code 0 when ok. Generation stops at the program's
+context (get_max_context_len); a prompt that leaves no room in it is refused before any run.
 """
 
 from __future__ import annotations
@@ -95,8 +97,12 @@ def run(request: dict, base: str = ".") -> dict:
         return {"ok": False, "error": "load", "message": f"{pte}: ExecuTorch cannot load it ({e})"}
     load_s = time.perf_counter() - start
     seq_len, context, eos = meta["get_max_seq_len"][0], meta["get_max_context_len"][0], set(meta["get_eos_ids"])
+    longest = max((len(p) for p in request["prompts"]), default=0)
+    if longest >= context:
+        return {"ok": False, "error": "context",
+                "message": f"a {longest}-token prompt leaves no room to generate in {pte}'s context ({context})"}
     before = thermal()
-    tokens, ttft, prefill, decode = [], [], [], []
+    tokens, stops, ttft, prefill, decode = [], [], [], [], []
     try:
         for repeat in range(request.get("repeats", 1)):
             for i, prompt in enumerate(request["prompts"]):
@@ -106,17 +112,23 @@ def run(request: dict, base: str = ".") -> dict:
                     out = forward.execute([torch.tensor([prompt[pos : pos + seq_len]]), torch.tensor([pos])])[0]
                 logits = out[0, -1] if out.dim() == 3 else out[0]
                 generated, stamps, pos = [], [], len(prompt)
-                for _ in range(min(request["new_tokens"], context - pos)):
+                steps = min(request["new_tokens"], context - pos)
+                stop = "context" if steps < request["new_tokens"] else "max_new_tokens"
+                for step in range(steps):
                     token = int(logits.argmax())
                     stamps.append(time.perf_counter())
                     generated.append(token)
                     if token in eos:
+                        stop = "eos"
+                        break
+                    if step + 1 == steps:  # the last token's logits are not needed
                         break
                     out = forward.execute([torch.tensor([[token]]), torch.tensor([pos])])[0]
                     logits = out[0, -1] if out.dim() == 3 else out[0]
                     pos += 1
                 if repeat == 0:
                     tokens.append(generated)
+                    stops.append(stop)
                 if stamps:
                     ttft.append(stamps[0] - t0)
                     prefill.append(len(prompt) / max(stamps[0] - t0, 1e-9))
@@ -128,6 +140,7 @@ def run(request: dict, base: str = ".") -> dict:
         "ok": True,
         "format": FORMAT,
         "tokens": tokens,
+        "stop_reasons": stops,
         "speed": {
             "load_s": round(load_s, 3),
             "ttft_ms": {"median": round(_median(ttft) * 1000, 2), "min": round(min(ttft, default=0) * 1000, 2),

@@ -30,7 +30,7 @@ from aot.errors import ConfigError, ImageError
 from aot.families.vision.image import ImageSpec, cross_attention_mask, open_image, preprocess
 from aot.families.vision.model import IMAGE_TOKEN
 from aot.native import native_output_silenced
-from aot.runner.engines import Generation, OnText, _rates, sample_tokens
+from aot.runner.engines import Generation, OnText, _rates, fit_prompt, keep_tail, sample_tokens, stop_reason
 from aot.runner.pte import PteProgram, load_kernels
 from aot.runner.text import TextSink, TokenBytes
 from aot.tokenizer import load_tokenizer
@@ -136,11 +136,14 @@ class VisionEngine:
     # -- generation --
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
-                 on_text: OnText | None = None, image: Path | None = None) -> Generation:
+                 on_text: OnText | None = None, image: Path | None = None, truncate: bool = False) -> Generation:
         pre = load_image(image, self.spec) if image is not None else None
         ids = self.encode(prompt, pre is not None)
-        if len(ids) >= self.max_context_len:
-            raise ConfigError(f"the prompt is {len(ids)} tokens; this bundle's context holds {self.max_context_len}")
+        given = len(ids)
+        keep = fit_prompt(given, max_new_tokens, self.max_context_len, truncate)
+        ids = keep_tail(ids, keep)
+        if pre is not None and self.image_token not in ids:  # the cut took <|image|>: it leads the kept tail
+            ids = [ids[0], self.image_token] + ids[2:]
         sink = TextSink(byte_level=False, on_text=on_text)
         with native_output_silenced():
             state, tiles = self.image_state(pre)
@@ -156,4 +159,5 @@ class VisionEngine:
         self._loaded = True
         ttft, prefill, decode = _rates(len(ids), start, stamps, 0.0)
         return Generation(text, self.name, len(ids), len(stamps), load_s, ttft, prefill, decode,
-                          self.image_s if pre is not None else 0.0)
+                          self.image_s if pre is not None else 0.0, stop_reason(len(stamps), steps, max_new_tokens),
+                          self.max_context_len, given if keep < given else None)

@@ -14,7 +14,15 @@ from torch.export import Dim
 
 from aot.errors import CheckpointError, ConfigError
 from aot.families.base import Family, Program, Source
-from aot.families.common import LLAMA3_VOCAB, random_init_, special_ids, stream_parts
+from aot.families.common import (
+    LLAMA3_VOCAB,
+    KVCacheSpec,
+    kv_cache_record,
+    random_init_,
+    special_ids,
+    stream_parts,
+    zero_ring_caches,
+)
 from aot.families.text.checkpoint import Checkpoint, WeightReader, load_weights, open_checkpoint
 from aot.families.text.model import MODELS, ModelArgs, Transformer, rope_frequencies
 from aot.methods import Method
@@ -123,7 +131,8 @@ class TextFamily(Family):
         return model
 
     def methods(self, model: Transformer, src: TextSource, cfg: BuildConfig) -> Program:
-        return Program(text_methods(model, cfg.max_seq_len), share_mutable_buffers=False, target={"calibration": None})
+        return Program(text_methods(model, cfg.max_seq_len), share_mutable_buffers=False, target={"calibration": None},
+                       initialized_buffers=model.cache.initialized_buffers())
 
     # ---- bundle -----------------------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class TextFamily(Family):
                 "max_seq_len": cfg.max_seq_len,
                 "max_context_len": cfg.max_context_len,
                 "full_logits": cfg.full_logits,
+                **kv_cache_record(cfg, src.args.n_layers, src.args.n_kv_heads, src.args.head_dim),
             },
         }
 
@@ -195,9 +205,9 @@ def text_methods(model: Transformer, max_seq_len: int) -> list[Method]:
     return [Method("forward", model, (tokens, input_pos), dynamic, signature)]
 
 
-def _empty_model(args: ModelArgs, max_context_len: int, full_logits: bool) -> Transformer:
+def _empty_model(args: ModelArgs, max_context_len: int, full_logits: bool, cache: KVCacheSpec = KVCacheSpec()) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(args, max_context_len, full_logits=full_logits)
+        model = Transformer(args, max_context_len, full_logits=full_logits, cache=cache)
     model.to_empty(device="cpu")
     model.init_buffers()
     return model
@@ -205,7 +215,7 @@ def _empty_model(args: ModelArgs, max_context_len: int, full_logits: bool) -> Tr
 
 def load_model(src: TextSource, cfg: BuildConfig) -> Transformer:
     """The whole model in fp32: the checkpoint's weights, or drawn (random weights)."""
-    model = _empty_model(src.args, cfg.max_context_len, cfg.full_logits)
+    model = _empty_model(src.args, cfg.max_context_len, cfg.full_logits, cfg.kv_cache_spec())
     if src.checkpoint is None:
         random_init_(model, cfg.seed)
     else:
@@ -222,7 +232,7 @@ def load_quantized(src: TextSource, cfg: BuildConfig, plan: QuantPlan, progress=
 
     args = src.args
     with torch.device("meta"):
-        model = Transformer(args, cfg.max_context_len, full_logits=cfg.full_logits)
+        model = Transformer(args, cfg.max_context_len, full_logits=cfg.full_logits, cache=cfg.kv_cache_spec())
     model.freqs_cos, model.freqs_sin = rope_frequencies(args, cfg.max_context_len)
     parts = [("tok_embeddings", "output", "norm")] + [(f"layers.{i}",) for i in range(args.n_layers)]
 
@@ -231,6 +241,7 @@ def load_quantized(src: TextSource, cfg: BuildConfig, plan: QuantPlan, progress=
             model.output.weight = model.tok_embeddings.weight
         else:
             model.get_submodule(name).to_empty(device="cpu")
+            zero_ring_caches(model.get_submodule(name))
 
     def names_of(group) -> list[str]:
         return [n for n, _ in model.named_parameters() if any(n.startswith(g + ".") for g in group)]

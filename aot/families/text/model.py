@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from aot.errors import ConfigError
-from aot.families.common import FeedForward, RMSNorm, RopeScaling, rope_angles
+from aot.families.common import (
+    FeedForward,
+    KVCacheSpec,
+    RMSNorm,
+    RopeScaling,
+    cached_attention,
+    register_kv_cache,
+    reset_kv_cache,
+    ring_slots,
+    rope_angles,
+)
 from aot.native import load_custom_ops
 
 
@@ -100,18 +110,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, max_context_len: int, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, max_context_len: int, dtype: torch.dtype, cache: KVCacheSpec = KVCacheSpec()):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # k/v cache: [1, max_context_len, n_kv_heads, head_dim]; the layout llama::update_cache and
-        # llama::custom_sdpa expect (sequence before heads). Not part of the checkpoint.
-        shape = (1, max_context_len, args.n_kv_heads, args.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # k/v cache: [1, positions, n_kv_heads, head_dim] (aot.families.common.register_kv_cache)
+        self.cache = cache
+        register_kv_cache(self, cache, cache.length(max_context_len), args.n_kv_heads, args.head_dim, dtype)
         # Static attention (NPU delegates): standard ops and static shapes. The cache is written
         # with index_copy at the call's positions and every call attends over the whole cache under
         # a mask, so a prefill chunk and a one-token decode are two fixed graphs sharing the cache;
@@ -134,8 +142,9 @@ class Attention(nn.Module):
         y = torch.matmul(torch.softmax(scores, dim=-1), values)
         return y.transpose(1, 2).reshape(1, S, self.n_heads * self.head_dim)
 
-    def forward(self, x, start_pos, cos, sin):
-        # x: [1, S, dim]; start_pos: position of x[:, 0] in the cache (static: [S] positions tensor)
+    def forward(self, x, start_pos, cos, sin, slots=None):
+        # x: [1, S, dim]; start_pos: position of x[:, 0] in the cache (static: [S] positions tensor);
+        # slots: where a ring cache puts this call (aot.families.common.ring_slots)
         _, S, _ = x.shape
         q = self.wq(x).view(1, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(1, S, self.n_kv_heads, self.head_dim)
@@ -143,23 +152,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.static:
             return self.wo(self._static_attention(q, k, v, start_pos))
-        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
-        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
-        # custom_sdpa handles grouped-query heads and the causal mask from start_pos.
-        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+        y = cached_attention(self, self.cache, q, k, v, start_pos, slots)
         return self.wo(y.view(1, S, self.n_heads * self.head_dim))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, max_context_len: int, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, max_context_len: int, dtype: torch.dtype, cache: KVCacheSpec):
         super().__init__()
-        self.attention = Attention(args, max_context_len, dtype)
+        self.attention = Attention(args, max_context_len, dtype, cache)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos: int, cos, sin):
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin)
+    def forward(self, x, start_pos: int, cos, sin, slots=None):
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -176,13 +182,15 @@ class Transformer(nn.Module):
         max_context_len: int,
         full_logits: bool = False,
         cache_dtype: torch.dtype = torch.float32,
+        cache: KVCacheSpec = KVCacheSpec(),
     ):
         super().__init__()
         load_custom_ops()
         self.args, self.max_context_len, self.full_logits = args, max_context_len, full_logits
+        self.cache = cache
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(args, max_context_len, cache_dtype) for _ in range(args.n_layers)
+            TransformerBlock(args, max_context_len, cache_dtype, cache) for _ in range(args.n_layers)
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -201,7 +209,7 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.freqs_cos.copy_(cos)
             self.freqs_sin.copy_(sin)
-        self.reset_cache()
+        self.reset_cache(ring_only=True)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         S = tokens.shape[1]
@@ -215,8 +223,9 @@ class Transformer(nn.Module):
             cos = self.freqs_cos.narrow(0, start_pos, S)
             sin = self.freqs_sin.narrow(0, start_pos, S)
         h = self.tok_embeddings(tokens)
+        slots = None if self.static else ring_slots(self.cache, self.cache.length(self.max_context_len), start_pos, S)
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin)
+            h = layer(h, start_pos, cos, sin, slots)
         if not self.full_logits:
             h = h[:, -1, :]
         return self.output(self.norm(h))
@@ -227,10 +236,13 @@ class Transformer(nn.Module):
 
     def use_static_attention(self) -> None:
         """Static-shape attention with standard ops (NPU delegates); the same logits."""
+        if self.cache != KVCacheSpec():
+            raise ConfigError("static-shape (NPU) attention stores the cache in the graph's own ops; "
+                              "--kv-cache int8 and --attention-sink apply to --delegate xnnpack")
         for layer in self.layers:
             layer.attention.static = True
+        self.reset_cache()  # static attention reads every position under a mask
 
-    def reset_cache(self) -> None:
+    def reset_cache(self, ring_only: bool = False) -> None:
         for layer in self.layers:
-            layer.attention.k_cache.zero_()
-            layer.attention.v_cache.zero_()
+            reset_kv_cache(layer.attention, ring_only)

@@ -21,7 +21,7 @@ from torch import nn
 
 from aot.errors import CheckpointError, ConfigError
 from aot.families.base import Family, Program, Source
-from aot.families.common import LLAMA3_VOCAB, random_init_, special_ids, stream_parts
+from aot.families.common import LLAMA3_VOCAB, kv_cache_record, random_init_, special_ids, stream_parts, zero_ring_caches
 from aot.families.vision.checkpoint import MllamaReader, args_from_hf_config, is_mllama_checkpoint, load_hf
 from aot.families.vision.image import ImageSpec
 from aot.families.vision.model import IMAGE_TOKEN, VISION_MODELS, Mllama, MllamaArgs, rope_tables, zero_image_state
@@ -129,7 +129,8 @@ class VisionFamily(Family):
     def methods(self, model: Mllama, src: VisionSource, cfg: BuildConfig) -> Program:
         # share_mutable_buffers: the KV cache is planned apart from the arenas both methods share,
         # so running vision_encoder between decoder calls cannot overwrite it.
-        return Program(vision_methods(model, cfg.max_seq_len), share_mutable_buffers=True)
+        return Program(vision_methods(model, cfg.max_seq_len), share_mutable_buffers=True,
+                       initialized_buffers=model.text.cache.initialized_buffers())
 
     def runner_metadata(self, src: VisionSource, cfg: BuildConfig, static: bool) -> dict:
         return metadata(src.args, cfg.max_seq_len, cfg.max_context_len, src.bos_id, list(src.eos_ids))
@@ -142,7 +143,9 @@ class VisionFamily(Family):
             "quant": {**cfg.quant.to_dict(), "plan": src.plan.to_dict(),
                       "vision": {"scheme": src.vision_plan.scheme, "plan": src.vision_plan.to_dict()}},
             "export": {"methods": program.signatures(), "max_seq_len": cfg.max_seq_len,
-                       "max_context_len": cfg.max_context_len, "full_logits": False},
+                       "max_context_len": cfg.max_context_len, "full_logits": False,
+                       **kv_cache_record(cfg, src.args.text.n_layers - len(src.args.text.cross_layers), src.args.text.n_kv_heads,
+                                         src.args.text.head_dim)},
             "image": {**src.image, "image_token": IMAGE_TOKEN, "image_token_id": src.args.image_token_id,
                       "patches_per_tile": src.args.vision.patches},
         }
@@ -173,7 +176,7 @@ def load_quantized(src: VisionSource, cfg: BuildConfig, text_plan: QuantPlan, vi
     fp32 and quantized with its half's plan before the next is allocated (common.stream_parts)."""
     args = src.args
     with torch.device("meta"):
-        model = Mllama(args, cfg.max_context_len)
+        model = Mllama(args, cfg.max_context_len, cfg.kv_cache_spec())
     model.text.rope_cos, model.text.rope_sin = rope_tables(args.text, cfg.max_context_len)
 
     def materialise(name: str) -> None:
@@ -181,6 +184,7 @@ def load_quantized(src: VisionSource, cfg: BuildConfig, text_plan: QuantPlan, vi
             model.vision.to_empty(device="cpu", recurse=False)
         else:
             model.get_submodule(name).to_empty(device="cpu")
+            zero_ring_caches(model.get_submodule(name))
 
     def names_of(group) -> list[str]:
         return [n for n, _ in model.named_parameters() if in_group(n, group)]

@@ -23,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aot.families.common import FeedForward, RMSNorm, RopeScaling, rope_angles
+from aot.families.common import (
+    FeedForward,
+    KVCacheSpec,
+    RMSNorm,
+    RopeScaling,
+    cached_attention,
+    register_kv_cache,
+    reset_kv_cache,
+    ring_slots,
+    rope_angles,
+)
 from aot.native import load_custom_ops
 
 
@@ -232,7 +242,7 @@ def _rotate_half(x):
 
 
 class SelfLayer(nn.Module):
-    def __init__(self, t: TextArgs, context: int):
+    def __init__(self, t: TextArgs, context: int, cache: KVCacheSpec = KVCacheSpec()):
         super().__init__()
         self.t = t
         hd = t.head_dim
@@ -243,12 +253,12 @@ class SelfLayer(nn.Module):
         self.mlp = FeedForward(t.dim, t.ffn_hidden)
         self.input_layernorm = RMSNorm(t.dim, t.norm_eps)
         self.post_attention_layernorm = RMSNorm(t.dim, t.norm_eps)
-        # [1, context, kv_heads, head_dim]: the layout ExecuTorch's llama::update_cache and
-        # llama::custom_sdpa take, as in the text models (written in place, attended up to start_pos).
-        self.register_buffer("k_cache", torch.zeros(1, context, t.n_kv_heads, hd), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(1, context, t.n_kv_heads, hd), persistent=False)
+        # [1, positions, kv_heads, head_dim]: the layout ExecuTorch's llama::update_cache and
+        # llama::custom_sdpa take, as in the text models (aot.families.common.register_kv_cache).
+        self.cache = cache
+        register_kv_cache(self, cache, cache.length(context), t.n_kv_heads, hd)
 
-    def forward(self, x, start_pos, cos, sin):
+    def forward(self, x, start_pos, cos, sin, slots=None):
         t, (b, s, _) = self.t, x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).view(b, s, t.n_heads, t.head_dim).transpose(1, 2)
@@ -256,9 +266,7 @@ class SelfLayer(nn.Module):
         v = self.v_proj(h).view(b, s, t.n_kv_heads, t.head_dim)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin  # rope in [b, heads, s, d]
         q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
-        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
-        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
-        attn = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+        attn = cached_attention(self, self.cache, q, k, v, start_pos, slots)
         x = x + self.o_proj(attn.reshape(b, s, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -309,12 +317,12 @@ def rope_tables(t: TextArgs, max_context_len: int) -> tuple[torch.Tensor, torch.
 
 
 class TextDecoder(nn.Module):
-    def __init__(self, args: MllamaArgs, max_context_len: int):
+    def __init__(self, args: MllamaArgs, max_context_len: int, cache: KVCacheSpec = KVCacheSpec()):
         super().__init__()
         t = args.text
-        self.args, self.context = args, max_context_len
+        self.args, self.context, self.cache = args, max_context_len, cache
         self.embed_tokens = nn.Embedding(t.vocab_size + 8, t.dim)
-        self.layers = nn.ModuleList(CrossLayer(t) if i in t.cross_layers else SelfLayer(t, max_context_len)
+        self.layers = nn.ModuleList(CrossLayer(t) if i in t.cross_layers else SelfLayer(t, max_context_len, cache)
                                     for i in range(t.n_layers))
         self.norm = RMSNorm(t.dim, t.norm_eps)
         self.lm_head = nn.Linear(t.dim, t.vocab_size, bias=False)
@@ -342,20 +350,20 @@ class TextDecoder(nn.Module):
         cross = cross * row_mask
         row_mask = row_mask[:, 0]  # [1, S, 1]
         cross_i = 0
+        slots = ring_slots(self.cache, self.cache.length(self.context), start_pos, s)
         for layer in self.layers:
             if isinstance(layer, CrossLayer):
                 k, v = image_state[2 * cross_i], image_state[2 * cross_i + 1]
                 x = layer(x, k, v, cross, row_mask)
                 cross_i += 1
             else:
-                x = layer(x, start_pos, cos, sin)
+                x = layer(x, start_pos, cos, sin, slots)
         return self.lm_head(self.norm(x))[:, -1]
 
     def reset_cache(self):
         for layer in self.layers:
             if isinstance(layer, SelfLayer):
-                layer.k_cache.zero_()
-                layer.v_cache.zero_()
+                reset_kv_cache(layer)
 
 
 def zero_image_state(args: MllamaArgs, tiles: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -366,10 +374,10 @@ def zero_image_state(args: MllamaArgs, tiles: int | None = None) -> tuple[torch.
 
 
 class Mllama(nn.Module):
-    def __init__(self, args: MllamaArgs, max_context_len: int):
+    def __init__(self, args: MllamaArgs, max_context_len: int, cache: KVCacheSpec = KVCacheSpec()):
         super().__init__()
         self.args = args
         self.vision = VisionEncoder(args)
-        self.text = TextDecoder(args, max_context_len)
+        self.text = TextDecoder(args, max_context_len, cache)
 
 
