@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two workers (pytest-xdist), a test file each at a time: the suite is mostly single-threaded
+# lowering, so two cores take it in about half the time (session fixtures build once per worker).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Unit tests, no lowering: everything not marked slow (tests/conftest.py marks every test that
 # builds a bundle). The other tiers by marker: pytest -m oracle, pytest -m e2e.

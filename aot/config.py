@@ -116,9 +116,9 @@ class BuildConfig:
         return errors
 
     def _cache_errors(self) -> list[str]:
-        errors, backend = [], BACKENDS.get(self.delegate)
-        if backend is None:
-            return errors
+        if self.delegate not in BACKENDS:
+            return []
+        errors, backend = [], BACKENDS[self.delegate]()
         takes = backend.kv_caches
         if self.kv_cache is not None and self.kv_cache not in takes:
             errors.append(f"--kv-cache {self.kv_cache}: --delegate {self.delegate} takes "

@@ -99,7 +99,7 @@ EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: rerun with --debug and report the traceback)",
     2: "usage error (unknown command or option, bad option value)",
-    ConfigError.exit_code: "invalid configuration (model, scheme, group size, lengths, ids)",
+    ConfigError.exit_code: "invalid configuration (model, scheme, group size, lengths, ids, cache, --device-memory) or a prompt past the context",
     CheckpointError.exit_code: "checkpoint or tokenizer missing, corrupt, unsafe or mismatched",
     OutputError.exit_code: "output exists (use --force) or is not writable",
     DelegateUnavailable.exit_code: "delegate not available on this machine",

@@ -289,3 +289,25 @@ def test_fingerprint_matches_the_recorded_input_key(mllama, fp32_bundle, tmp_pat
     cfg = build_config(tmp_path / "x", checkpoint=str(mllama[0]), quant="none", vision_quant="none",
                        max_seq_len=SEQ, max_context_len=CTX)
     assert fingerprint(cfg) == fp32_bundle["build"]["input_key"]
+
+
+@pytest.fixture(scope="module")
+def int8_sink_bundle(mllama, tmp_path_factory):
+    return _build(mllama, tmp_path_factory, "int8-sink", "--quant", "none", "--vision-quant", "none",
+                  "--kv-cache", "int8", "--attention-sink", "1,12")
+
+
+def test_int8_sink_text_decoder_tracks_the_fp32_one(fp32_bundle, int8_sink_bundle, tmp_path):
+    """The vision text decoder takes --kv-cache int8 and --attention-sink like the text models: its
+    ring holds 1 + 12 + max_seq_len slots of the 48 positions; inside the window its logits follow
+    the fp32 bundle's, and generation goes past the ring to the context."""
+    export = int8_sink_bundle["export"]
+    assert export["kv_cache"]["storage"] == "int8" and export["kv_cache"]["positions"] == 1 + 12 + SEQ
+    assert export["attention_sink"] == {"sink": 1, "window": 12, "ring_slots": 12 + SEQ}
+    picture = load_image(_picture(tmp_path / "p.png", 28, 28), VisionEngine(open_bundle(fp32_bundle["path"])).spec)
+    engines = [VisionEngine(open_bundle(b["path"])) for b in (fp32_bundle, int8_sink_bundle)]
+    ids = engines[0].encode("<|image|>What is in this image?", with_image=True)[:12]
+    fp32, int8 = (_bundle_logits(e, ids, picture, 6) for e in engines)
+    assert _relative(int8, fp32) < 0.05
+    g = engines[1].generate("<|image|>" + "describe it " * 3, 100, image=tmp_path / "p.png")
+    assert g.stop_reason in ("context", "eos") and g.prompt_tokens + g.generated_tokens <= CTX
