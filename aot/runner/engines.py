@@ -260,8 +260,9 @@ class PythonEngine:
         """Teacher-forced logits [len(ids), vocab]: row i predicts ids[i + 1]."""
         if len(ids) > self.max_context_len:
             raise ConfigError(f"{len(ids)} tokens do not fit this bundle's context ({self.max_context_len})")
+        n = self.max_seq_len
         with native_output_silenced():
-            return self._score(ids)
+            return torch.cat([self.score_chunk(ids[pos : pos + n], pos) for pos in range(0, len(ids), n)])
 
     def score_chunk(self, window: list[int], pos: int) -> torch.Tensor:
         """Teacher-forced logits [len(window), vocab] of tokens placed at pos.. (after the earlier
@@ -269,17 +270,6 @@ class PythonEngine:
         if self.full_logits:
             return self.forward(torch.tensor([window]), torch.tensor([pos]))[0].float()
         return torch.cat([self.forward(torch.tensor([[t]]), torch.tensor([pos + i])) for i, t in enumerate(window)]).float()
-
-    def _score(self, ids: list[int]) -> torch.Tensor:
-        rows = []
-        if self.full_logits:
-            for pos in range(0, len(ids), self.max_seq_len):
-                chunk = torch.tensor([ids[pos : pos + self.max_seq_len]])
-                rows.append(self.forward(chunk, torch.tensor([pos]))[0])
-        else:  # the bundle returns the last position's logits: feed one token per call
-            for pos, token in enumerate(ids):
-                rows.append(self.forward(torch.tensor([[token]]), torch.tensor([pos])))
-        return torch.cat(rows).float()
 
 
 ENGINES = {"stock": StockEngine, "python": PythonEngine}
