@@ -25,6 +25,7 @@ from aot.cli_support import (
     RUN,
     SIMULATE,
     _command,
+    _Defaults,
     _given,
     _json,
     _version,
@@ -182,28 +183,82 @@ def plan(
 @app.command()
 def run(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(RUN.max_new_tokens, "--max-new-tokens", help="Tokens to generate at most."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to continue; with --chat, the user's message."),
+    max_new_tokens: int = typer.Option(RUN.max_new_tokens, "--max-new-tokens", help="Tokens to generate at most (per turn)."),
     temperature: float = typer.Option(RUN.temperature, "--temperature", help="0 = greedy."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (--engine python)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (--engine python, --chat)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="stock (ExecuTorch's TextLLMRunner) or python "
-                                         "[stock; vision bundles: python]."),
+                                         "[stock; vision bundles and --chat: python]."),
     image: Optional[Path] = typer.Option(None, "--image", help="Vision bundles: an image file (PNG, JPEG, ...); "
                                          "<|image|> in --prompt marks its place [start]."),
     truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="A prompt too long for the bundle's context "
                                          "keeps BOS and its last tokens (room for --max-new-tokens) instead of failing."),
+    chat: bool = typer.Option(False, "--chat", help="Chat in the bundle's own format: turns from stdin (or --prompt), "
+                              "the KV cache kept between turns."),
+    system: Optional[str] = typer.Option(None, "--system", help="--chat: the system message."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="Answer this OpenAI-style message list (JSON) "
+                                            "with one assistant turn."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="--chat/--messages: OpenAI-style function schemas "
+                                         "(JSON); calls are written under their grammar."),
+    tool_choice: str = typer.Option("auto", "--tool-choice", help="auto, none, required, or a tool's name."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="--chat/--messages: stop string (repeatable)."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
     """Generate from a bundle, streaming text; then load time, TTFT, prefill and decode tok/s, and why
-    it stopped (EOS, --max-new-tokens, or the bundle's context)."""
+    it stopped (EOS, --max-new-tokens, or the bundle's context). With --chat or --messages: an
+    Instruct conversation in the bundle's chat format, tool calls as {name, arguments}."""
     with _command(as_json, debug):
-        from aot.generate import RunConfig, generate
+        from aot.errors import ConfigError
+        from aot.generate import ChatConfig, RunConfig, generate
 
         cfg = RunConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, engine=engine, image=image,
                         truncate_prompt=truncate_prompt)
+        if chat or messages is not None:
+            if chat and messages is not None and prompt is not None:
+                raise ConfigError("--prompt and --messages: give the conversation one way")
+            ccfg = ChatConfig(system=system, messages=messages, tools=tools, tool_choice=tool_choice, stop=tuple(stop or ()))
+            return _chat(bundle, cfg, ccfg, prompt, interactive=messages is None and prompt is None, as_json=as_json)
+        chat_flags = [f for f, v in (("--system", system), ("--tools", tools), ("--stop", stop)) if v]
+        if chat_flags or tool_choice != "auto":
+            raise ConfigError(f"{', '.join(chat_flags) or '--tool-choice'}: needs --chat or --messages")
+        if prompt is None:
+            raise ConfigError("--prompt TEXT is required (or --chat for a conversation, --messages FILE for one turn)")
         g = generate(bundle, prompt, cfg, None if as_json else render.text_chunk)
         _json({"ok": True, "prompt": prompt, **g.to_dict()}) if as_json else render.generation(err, g)
+
+
+def _chat(bundle, cfg, ccfg, prompt, interactive: bool, as_json: bool) -> None:
+    """One answered turn (--messages, or --chat --prompt), or a conversation on stdin: each line a
+    user message; after a tool call, the next line is the tool's result."""
+    import sys
+
+    from aot.generate import Chat
+
+    session = Chat(bundle, cfg, ccfg)
+    stream = None if as_json else render.text_chunk
+
+    def show(turn) -> None:
+        if as_json:
+            print(json.dumps({"ok": True, **turn.to_dict()}), flush=True)
+        else:
+            render.chat_turn(out, err, turn)
+
+    if not interactive:
+        turn = session.answer(stream) if prompt is None else session.say("user", prompt, stream)
+        return show(turn)
+    role = "user"
+    while True:
+        if sys.stdin.isatty():
+            err.print("[bold]tool result>[/bold] " if role == "tool" else "[bold]>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        turn = session.say(role, line.rstrip("\n"), stream)
+        show(turn)
+        role = "tool" if turn.tool_call is not None else "user"
 
 
 @app.command()
@@ -322,6 +377,47 @@ def bench(
 
         result = bench_bundle(bundle, prompt_tokens, decode_tokens, repeats, text, parse_depths(depth))
         print(json.dumps({"ok": True, **result}) if as_json else markdown(result))
+
+
+SERVE = _Defaults("aot.serve_api:ServeConfig")
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    host: str = typer.Option(SERVE.host, "--host", help="Address to listen on; beyond loopback needs --api-key."),
+    port: int = typer.Option(SERVE.port, "--port", help="Port; 0 picks a free one (the start line gives it)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AOT_API_KEY", show_envvar=True,
+                                          help="Clients must send Authorization: Bearer KEY [none: no check]."),
+    queue: int = typer.Option(SERVE.queue, "--queue", help="Requests that may wait while one generates; more get 429."),
+    max_request_bytes: int = typer.Option(SERVE.max_request_bytes, "--max-request-bytes",
+                                          help="Larger request bodies get 413."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on a request's max_tokens [the "
+                                             "bundle's context]."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Seconds a request may wait "
+                                                    "in the queue, then 503 [no limit]."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model name clients use [the "
+                                             "bundle's model name]."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Serve a bundle over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models), one generation at a time; Ctrl-C stops."""
+    with _command(as_json, debug):
+        import sys
+
+        from aot.serve import serve as run_server
+        from aot.serve_api import ServeConfig
+
+        cfg = ServeConfig(host=host, port=port, queue=queue, max_request_bytes=max_request_bytes, **_given(
+            api_key=api_key or None, max_tokens=max_tokens, request_timeout=request_timeout, model_name=model_name))
+
+        def listening(info: dict) -> None:
+            _json({"ok": True, **info}) if as_json else render.serve_listening(out, info)
+            sys.stdout.flush()  # scripts wait for this line
+
+        counts = run_server(bundle, cfg, listening, debug)
+        _json({"ok": True, "stopped": True, "requests": counts}) if as_json else render.serve_stopped(err, counts)
 
 
 @app.command()

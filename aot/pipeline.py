@@ -205,4 +205,6 @@ def bundle_manifest(cfg: BuildConfig, family: Family, src: Source, program: Prog
         **fields,
         "bos_id": src.bos_id,
         "eos_ids": list(src.eos_ids),
+        # the Instruct prompt format: template, turn-ending tokens, tool-call form (aot.chatformat)
+        "chat": src.tokenizer.chat.record() if src.tokenizer is not None and src.tokenizer.chat else None,
     }

@@ -36,6 +36,12 @@ def bundle(out: Console, b: dict, verified: bool) -> None:
     e = b["export"]
     out.print(f"  lengths   max_seq_len {e['max_seq_len']}, max_context_len {e['max_context_len']}   "
               f"bos {b['bos_id']} eos {b['eos_ids']}")
+    chat = b.get("chat")
+    if chat:
+        stops = ", ".join(f"{t} {i}" for t, i in chat["stop_ids"].items())
+        tools = f"tool calls {chat['tool_calls']['format']}" if chat.get("tool_calls") else "no tool calls"
+        out.print(f"  chat      template from {chat['source']} (sha256 {chat['template_sha256'][:16]}); turns end "
+                  f"{stops}; {tools}")
     for name, f in b["files"].items():
         out.print(f"  {name:<16} {f['bytes'] / 2**20:10.2f} MiB  sha256 {f['sha256'][:16]}")
     for name, d in b["delegation"].items():
@@ -121,6 +127,25 @@ def generation(err: Console, g) -> None:
     if g.stop_reason == "context":
         err.print(f"[yellow]stopped at the bundle's context: {g.prompt_tokens} prompt + {g.generated_tokens} generated "
                   f"tokens fill all {g.max_context_len}; rebuild with a larger --max-context-len to go on[/yellow]")
+
+
+def chat_turn(out: Console, err: Console, t) -> None:
+    """`aot run --chat`: after a turn's streamed text, its call (stdout) and timings (stderr)."""
+    import json
+
+    if t.tool_call is not None:
+        print(json.dumps(t.tool_call), flush=True)
+    else:
+        print(flush=True)
+    err.print(f"[dim]first token {t.ttft_s * 1000:.1f} ms ({t.prompt_tokens - t.reused_tokens} new prompt tokens, "
+              f"{t.reused_tokens} kept in the KV cache), decode {t.decode_tps:.1f} tok/s ({t.generated_tokens} tokens), "
+              f"{t.finish_reason}[/dim]")
+    if t.dropped_messages:
+        err.print(f"[yellow]the context ({t.max_context_len} tokens) was full: the {t.dropped_messages} oldest messages "
+                  "were dropped[/yellow]")
+    if t.finish_reason == "context":
+        err.print(f"[yellow]stopped at the bundle's context ({t.max_context_len} tokens); the next turn drops the "
+                  "oldest messages[/yellow]")
 
 
 def simulation(out: Console, result: dict) -> None:
@@ -237,3 +262,16 @@ def farm_table(result: dict) -> str:
 
 def farm_results(out: Console, result: dict) -> None:
     out.print(farm_table(result))
+
+
+def serve_listening(out: Console, info: dict) -> None:
+    """`aot serve`: the one line that says where it listens (scripts wait for it)."""
+    key = ", API key required" if info["api_key"] else ""
+    out.print(f"aot serve: {info['model']} at {info['url']}/v1 (context {info['max_context_len']}, max_tokens "
+              f"<= {info['max_tokens']}, queue {info['queue']}{key}); Ctrl-C stops", markup=False)
+
+
+def serve_stopped(err: Console, counts: dict) -> None:
+    """`aot serve`, once stopped: what it answered."""
+    err.print(f"[dim]aot serve: stopped; {counts['done']} generations, {counts['cancelled']} cancelled, "
+              f"{counts['failed']} failed[/dim]")

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from aot.chatformat import ChatFormat, find_chat_format
 from aot.errors import CheckpointError
 from aot.native import native_output_silenced
 
@@ -22,6 +23,8 @@ class TokenizerInfo:
     vocab_size: int
     bos_id: int
     eos_ids: tuple[int, ...]
+    chat: ChatFormat | None = None  # the Instruct prompt format (bundle.json `chat`)
+    chat_file: Path | None = None  # the tokenizer_config.json it came from (an input)
 
 
 def find_tokenizer(checkpoint_dir: Path | None, given: Path | None) -> Path | None:
@@ -67,16 +70,29 @@ def load_tokenizer(path: Path):
 def tokenizer_info(path: Path, checkpoint_dir: Path | None) -> TokenizerInfo:
     tok, kind = load_tokenizer(path)
     bos, eos = tok.bos_tok(), [tok.eos_tok()]
+    chat = find_chat_format(tok, path, checkpoint_dir)
     gen = _generation_ids(checkpoint_dir) if checkpoint_dir is not None else {}
     bos = gen.get("bos", bos)
     if "eos" in gen:
         eos = gen["eos"]
     else:
-        # No generation_config (Meta layout): Llama 3 instruct turns end with <|eot_id|>.
-        eot = tok.encode("<|eot_id|>", 0, 0)
-        if len(eot) == 1 and eot[0] not in eos:
-            eos.append(eot[0])
-    return TokenizerInfo(path, kind, tok.vocab_size(), int(bos), tuple(int(e) for e in eos))
+        # No generation_config (Meta layout): Llama 3 instruct turns end with <|eot_id|>, and
+        # with a chat format also <|eom_id|> (a turn that waits for a tool's result).
+        for stop in ("<|eot_id|>", "<|eom_id|>") if chat is not None else ("<|eot_id|>",):
+            ids = tok.encode(stop, 0, 0)
+            if len(ids) == 1 and ids[0] not in eos:
+                eos.append(ids[0])
+    chat_file = _chat_file(chat, checkpoint_dir, path)
+    return TokenizerInfo(path, kind, tok.vocab_size(), int(bos), tuple(int(e) for e in eos), chat, chat_file)
+
+
+def _chat_file(chat: ChatFormat | None, checkpoint_dir: Path | None, path: Path) -> Path | None:
+    if chat is None or chat.source != "tokenizer_config.json":
+        return None
+    for folder in (checkpoint_dir, path.parent):
+        if folder is not None and (folder / "tokenizer_config.json").is_file():
+            return folder / "tokenizer_config.json"
+    return None
 
 
 def _generation_ids(checkpoint_dir: Path) -> dict:

@@ -36,9 +36,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def run_cli(*args: str):
-    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+def run_cli(*args: str, input: str | None = None):
+    """Invoke the CLI in-process (stdin from `input`); returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
 @pytest.fixture(scope="session")
@@ -89,5 +89,23 @@ def demo_bundle(tmp_path_factory) -> dict:
     """The embedded demo model, 8da4w, as `make demo` builds it."""
     out = tmp_path_factory.mktemp("bundles") / "demo"
     result = run_cli("build", "--model", "demo", "--out", out, "--max-seq-len", 64, "--max-context-len", 512, "--json")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory) -> Path:
+    """A tiny random Llama with Llama 3's 128,256-id layout and the Llama 3.2 chat template."""
+    from chat_fixtures import write_chat_checkpoint
+
+    return write_chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "chat")
+
+
+@pytest.fixture(scope="session")
+def chat_bundle(chat_ckpt, tmp_path_factory) -> dict:
+    """Its fp32 bundle with room for a tool-laden conversation (4096 positions)."""
+    out = tmp_path_factory.mktemp("bundles") / "chat"
+    result = run_cli("build", "--checkpoint", chat_ckpt, "--out", out, "--quant", "none", "--max-seq-len", 64,
+                     "--max-context-len", 4096, "--json")
     assert result.exit_code == 0, result.stderr + result.stdout
     return json.loads(result.stdout)

@@ -20,8 +20,10 @@ def write_tiktoken(path, n_bytes=256):
 
 def test_tiktoken_model_gets_llama3_special_ids(tmp_path):
     info = tokenizer_info(write_tiktoken(tmp_path / "tokenizer.model"), checkpoint_dir=None)
-    # <|begin_of_text|> is the first special token after the 256 byte tokens, <|eot_id|> the tenth.
-    assert (info.kind, info.vocab_size, info.bos_id, info.eos_ids) == ("tiktoken", 512, 256, (257, 265))
+    # <|begin_of_text|> is the first special token after the 256 byte tokens, <|eot_id|> the tenth,
+    # <|eom_id|> the ninth (an eos too: the tokenizer has Llama 3's chat tokens, so a chat format).
+    assert (info.kind, info.vocab_size, info.bos_id, info.eos_ids) == ("tiktoken", 512, 256, (257, 265, 264))
+    assert info.chat is not None and info.chat.stop_ids == {"<|eot_id|>": 265, "<|eom_id|>": 264, "<|end_of_text|>": 257}
 
 
 def test_generation_config_wins_over_the_tokenizer(tmp_path):

@@ -54,6 +54,8 @@ class TextSource(Source):
         files = list(self.checkpoint.files()) if self.checkpoint else []
         if self.tokenizer is not None:
             files.append(self.tokenizer.path)
+            if self.tokenizer.chat_file is not None:
+                files.append(self.tokenizer.chat_file)
         if self.rotation_file is not None:
             files.append(self.rotation_file)
         return files
