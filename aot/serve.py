@@ -325,8 +325,14 @@ class _Uvicorn(uvicorn.Server):
 def listen(host: str, port: int) -> tuple[socket.socket, str]:
     """A listening socket (port 0: a free one) and its URL."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.create_server((host, port), family=family, backlog=128)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # proto must say TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is
+        # IPPROTO_TCP, and with Nagle on, every response on a kept-alive connection waits ~40 ms
+        # for the client's delayed ACK (socket.create_server leaves proto 0).
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
     except OSError as e:
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     real = sock.getsockname()[1]

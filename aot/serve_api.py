@@ -334,7 +334,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="aot serve", docs_url=None, redoc_url=None, openapi_url=None)
     key = service.cfg.api_key.encode() if service.cfg.api_key else None
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: FastAPI runs a sync one on a thread pool
         if key is None:
             return
         given = request.headers.get("authorization", "")

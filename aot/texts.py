@@ -10,7 +10,6 @@ from aot.errors import ConfigError
 
 DEMO_DIR = Path(__file__).parent / "demo"  # the embedded demo model and its held-out text
 DEMO_CHECKPOINT = DEMO_DIR / "model"
-DEMO_INSTRUCT = DEMO_DIR / "instruct"  # its chat and tool-calling fine-tune (tools/train_demo_instruct.py)
 DEMO_TEXT = DEMO_DIR / "heldout.txt"
 
 

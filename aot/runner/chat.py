@@ -81,8 +81,7 @@ def chat_format(bundle: Bundle) -> ChatFormat:
     if not rec:
         raise ConfigError(
             f"{bundle.root}: this bundle carries no chat format (its checkpoint had no chat_template and no "
-            "Llama 3 header tokens: a base model?); build it from an Instruct checkpoint "
-            "(aot build --model demo-instruct shows one), or use --prompt")
+            "Llama 3 header tokens: a base model?); build it from an Instruct checkpoint, or use --prompt")
     return ChatFormat.from_record(rec)
 
 
