@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aot.errors import CheckpointError, ConfigError
+from aot.files import read_json_object
 
 BUILTIN = Path(__file__).parent / "chat_templates" / "llama3.2.jinja"
 # Llama 3's chat tokens: the header markers, the two turn ends (eom: the turn waits for a tool
@@ -204,12 +205,7 @@ def _tokenizer_config(checkpoint_dir: Path | None, tokenizer_path: Path) -> dict
     for folder in dict.fromkeys(d for d in (checkpoint_dir, tokenizer_path.parent) if d is not None):
         file = folder / "tokenizer_config.json"
         if file.is_file():
-            try:
-                data = json.loads(file.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{file}: not readable JSON ({e})") from None
-            if not isinstance(data, dict):
-                raise CheckpointError(f"{file}: expected a JSON object")
+            data = read_json_object(file)
             if data.get("chat_template") is None and (folder / "chat_template.jinja").is_file():
                 data["chat_template"] = (folder / "chat_template.jinja").read_text()  # transformers 5 writes it apart
             return data

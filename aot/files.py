@@ -1,17 +1,18 @@
-"""File helpers every layer uses: one sha256 and one atomic writer.
+"""File helpers every layer uses: one sha256, one atomic writer, one JSON-object reader.
 
 At the bottom of the import layers (errors, files -> config -> ...): imports nothing of aot's but
-its errors.
+its errors (and reads the JSON objects checkpoints are made of).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
-from aot.errors import OutputError
+from aot.errors import CheckpointError, OutputError
 
 CHUNK = 1 << 22  # 4 MiB reads: hashing a 6 GiB checkpoint never holds more than this
 
@@ -45,3 +46,15 @@ def write_atomically(path: Path, data: str | bytes) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (a checkpoint's config.json, params.json, shard index,
+    tokenizer_config.json); one line (CheckpointError) when it is unreadable or not an object."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not readable JSON ({e}); re-download or fix the file") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -12,7 +12,6 @@ memory plan are the bundle's; only the sampling loop is aot's).
 
 from __future__ import annotations
 
-import codecs
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -23,9 +22,10 @@ from aot.bundle import Bundle
 from aot.chatformat import ChatFormat, check_tool_choice, check_tools
 from aot.errors import ConfigError
 from aot.native import native_output_silenced
-from aot.runner.engines import PythonEngine
+from aot.runner.engines import PythonEngine, sample_token
 from aot.runner.grammar import Grammars, parse_call
 from aot.runner.pte import PteProgram
+from aot.runner.text import Utf8Stream
 
 OnText = Callable[[str], None]
 
@@ -99,7 +99,6 @@ class ChatSession:
         vocab = self.engine.meta.get("get_vocab_size") or bundle.manifest["model"]["args"]["vocab_size"]
         self.vocab_size = int(vocab)
         self.grammars = Grammars(bundle.tokenizer, self.vocab_size, sorted(self.eos))
-        self.first_turn = True
 
     @property
     def max_context_len(self) -> int:
@@ -193,7 +192,7 @@ class ChatSession:
         gen = torch.Generator()
         gen.manual_seed(opts.seed) if opts.seed is not None else gen.seed()
         steps = min(opts.max_new_tokens, self.max_context_len - len(ids))
-        text, stream = Streamer(opts.stop, on_text), codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, stream = Streamer(opts.stop, on_text), Utf8Stream(byte_level=False)
         constraint = self.grammars.constraint(tools, choice) if choice not in ("auto", "none") else None
         call_ids: list[int] = []
         stamps: list[float] = []
@@ -203,12 +202,12 @@ class ChatSession:
                 finish = "cancelled"
                 break
             if constraint is not None:
-                token = self._sample(constraint.mask(logits), opts.temperature, gen)
+                token = sample_token(constraint.mask(logits), opts.temperature, gen)
             else:
-                token = self._sample(logits, opts.temperature, gen)
+                token = sample_token(logits, opts.temperature, gen)
                 if i == 0 and choice == "auto" and self._starts_call(token):
                     constraint = self.grammars.constraint(tools, choice)  # the call is written under the grammar
-                    token = self._sample(constraint.mask(logits), opts.temperature, gen)
+                    token = sample_token(constraint.mask(logits), opts.temperature, gen)
             stamps.append(time.perf_counter())
             if constraint is not None:
                 if token in self.eos and constraint.done:
@@ -224,7 +223,7 @@ class ChatSession:
             if token in self.eos:
                 finish = "stop"
                 break
-            if text.feed(stream.decode(self.engine.token_bytes([token]))):
+            if text.feed(stream.feed(self.engine.token_bytes([token]))):
                 logits = self._step(token)
                 finish = "stop"
                 break
@@ -239,19 +238,13 @@ class ChatSession:
             else:  # cut off (length, context, cancelled): what was written, not a call
                 text.feed(body)
         else:
-            text.feed(stream.decode(b"", final=True))
+            text.feed(stream.flush())
         return ChatTurn(text.close(call is not None), call, finish, len(ids), 0, len(stamps), ttft, 0.0, decode,
                         self.max_context_len, mask_ms=[s * 1000 for s in constraint.mask_seconds] if constraint else [])
 
     def _starts_call(self, token: int) -> bool:
         piece = self.engine.token_bytes([token]).decode("utf-8", errors="ignore")
         return piece.lstrip().startswith("{") or piece == "<|python_tag|>"
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
-        if temperature > 0:
-            return int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
-        return int(logits.argmax())
 
 
 class Streamer:

@@ -85,6 +85,13 @@ def _rates(prompt_tokens: int, start: float, stamps: list[float], load_s: float)
     return ttft, prompt_tokens / ttft, decode
 
 
+def sample_token(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
+    """One token from logits [vocab]: greedy at temperature 0, else sampled with `gen`."""
+    if temperature > 0:
+        return int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
+    return int(logits.argmax())
+
+
 def sample_tokens(logits: torch.Tensor, pos: int, steps: int, temperature: float, seed: int | None, eos: set[int],
                   emit: Callable[[int], None], step: Callable[[int, int], torch.Tensor]) -> list[float]:
     """Sample (greedy at temperature 0) up to `steps` tokens from `logits`, the prompt's last
@@ -93,10 +100,7 @@ def sample_tokens(logits: torch.Tensor, pos: int, steps: int, temperature: float
     gen = torch.Generator().manual_seed(seed if seed is not None else 0)
     stamps = []
     for _ in range(steps):
-        if temperature > 0:
-            token = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
-        else:
-            token = int(logits.argmax())
+        token = sample_token(logits, temperature, gen)
         if token in eos:
             break
         stamps.append(time.perf_counter())

@@ -10,6 +10,7 @@ generated tokens and the KV cache keeps them.
 from __future__ import annotations
 
 import json
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -107,8 +108,6 @@ class Constraint:
         """logits [V] with every token the grammar refuses at -inf. (llguidance.torch's own
         apply_token_bitmask_inplace goes through torch.compile: seconds on first use, then ~7 ms a
         token on CPU; unpacking the bits here costs a fraction of a millisecond at 128K.)"""
-        import time
-
         start = time.perf_counter()
         self._fill(self.matcher, self._np, 0)
         allowed = ((self.bitmask[0, :, None] >> _BITS) & 1).view(-1)[: logits.shape[-1]].bool()

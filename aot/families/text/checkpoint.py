@@ -8,7 +8,6 @@ by name and shape; every missing, extra or mis-shaped tensor is reported togethe
 
 from __future__ import annotations
 
-import json
 import pickle
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from aot.errors import CheckpointError, ConfigError
+from aot.files import read_json_object
 from aot.families.text.model import ModelArgs, RopeScaling, Transformer
 from aot.quant.prequantized import Prequantized, detect, load_quantized
 
@@ -52,16 +52,6 @@ def open_checkpoint(path: Path) -> Checkpoint:
     )
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not readable JSON ({e}); re-download or fix the file") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _require(cfg: dict, key: str, file: Path):
     if key not in cfg:
         raise CheckpointError(f"{file}: missing '{key}'; is this a Llama checkpoint?")
@@ -73,7 +63,7 @@ def _require(cfg: dict, key: str, file: Path):
 
 def _open_hf(path: Path) -> Checkpoint:
     cfg_file = path / "config.json"
-    cfg = _read_json(cfg_file)
+    cfg = read_json_object(cfg_file)
     if cfg.get("model_type") != "llama":
         raise CheckpointError(
             f"{cfg_file}: model_type is '{cfg.get('model_type')}', not 'llama'; aot builds Llama 3.2 text models"
@@ -104,7 +94,7 @@ def _open_hf(path: Path) -> Checkpoint:
     )
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _require(_read_json(index), "weight_map", index)
+        weight_map = _require(read_json_object(index), "weight_map", index)
         files = tuple(path / name for name in sorted(set(weight_map.values())))
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -200,7 +190,7 @@ def _iter_hf(ckpt: Checkpoint, stack: ExitStack) -> Iterator[tuple[str, Callable
 
 def _open_meta(path: Path) -> Checkpoint:
     params_file = path / "params.json"
-    p = _read_json(params_file)
+    p = read_json_object(params_file)
     if any(k.startswith("vision_") for k in p):
         raise CheckpointError(
             f"--checkpoint {path}: Meta's original Llama 3.2 Vision layout is not read; convert it to the "
