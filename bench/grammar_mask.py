@@ -7,7 +7,7 @@ its tool-call constraint on (target: median mask <= 1 ms per token on the projec
     .venv/bin/python bench/grammar_mask.py --libs llguidance,xgrammar --sequences 50 --repeats 1
 
 The grammar: a Llama 3.2 JSON tool call, `{"name": "<tool>", "parameters": {...}}`, over the eight
-OpenAI-style function schemas in TOOLS below (strings with pattern / format / maxLength, enums,
+OpenAI-style function schemas in TOOLS below (strings with pattern / format, enums,
 bounded integers and numbers, booleans, a nullable type, arrays with item bounds, nested objects,
 required and optional fields, a tool without arguments), as one JSON schema:
 {"anyOf": [{"type": "object", "properties": {"name": {"const": NAME}, "parameters": SCHEMA},
@@ -26,7 +26,8 @@ bitmask (timed: that call alone, int32 words, 4,008 per step), then samples a ra
 with a seeded generator (per sequence, the same seeds for every library) and consumes it, until the
 stop token is allowed (the grammar accepts: it is taken) or --max-tokens. Uniform sampling over
 128k tokens would almost never close a string (nearly every token is allowed inside one), so with
-probability --close-prob the draw is among the allowed tokens holding a JSON delimiter (" , } ]).
+probability --close-prob the draw is among the allowed tokens holding a JSON delimiter (" , } ]),
+or where there are none, among the allowed tokens without a digit (ends numbers and fractions).
 Each finished call's bytes are decoded and checked: UTF-8, json.loads, and jsonschema
 (Draft 2020-12, with its format checker: date and email are checked, date-time needs an extra
 package and is not) against the whole schema, i.e. against its tool's parameters.
@@ -80,10 +81,10 @@ TOOLS = [
         "nonstop": {"type": "boolean"},
     }, ["origin", "destination", "date"]),
     fn("create_event", "Add an event to the calendar.", {
-        "title": {"type": "string", "maxLength": 80},
+        "title": {"type": "string"},  # --bounded: maxLength
         "start": {"type": "string", "format": "date-time"},
         "duration_minutes": {"type": "integer", "minimum": 5, "maximum": 1440},
-        "attendees": {"type": "array", "items": {"type": "string", "format": "email"}, "maxItems": 10},
+        "attendees": {"type": "array", "items": {"type": "string", "format": "email"}},  # --bounded: maxItems
         "reminder": {"type": "object", "properties": {
             "minutes_before": {"type": "integer", "minimum": 0},
             "method": {"type": "string", "enum": ["email", "popup"]},
@@ -120,6 +121,19 @@ TOOLS = [
     }, ["expression"]),
     fn("get_current_time", "The current local time.", {}, []),
 ]
+
+
+def bounded(tools: list[dict]) -> list[dict]:
+    """TOOLS with create_event's title at most 80 characters and at most 10 attendees: bounds that
+    llguidance and xgrammar compile at once but outlines-core's index cannot be built for in minutes
+    at this vocabulary (maxLength 10: 1.4 s, 20: 197 s; an email array with maxItems 10: > 120 s)."""
+    tools = json.loads(json.dumps(tools))
+    for t in tools:
+        if t["function"]["name"] == "create_event":
+            props = t["function"]["parameters"]["properties"]
+            props["title"]["maxLength"] = 80
+            props["attendees"]["maxItems"] = 10
+    return tools
 
 
 def strict(schema):
@@ -268,26 +282,36 @@ PACKAGES = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines-core":
 
 # --- the measurement ----------------------------------------------------------------------------------
 
-def delimiter_tokens(token_bytes: list[bytes]) -> np.ndarray:
-    """Which ids' bytes hold a JSON delimiter (" , } ]): the draws that close strings and containers."""
-    return np.array([i < N_BPE and any(c in b for c in b'",}]') for i, b in enumerate(token_bytes)])
+def closing_tokens(token_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids whose bytes hold a JSON delimiter " , } ], ids without a digit): the draws that end strings
+    and containers, and, where no delimiter may come yet, those that end a run of digits (a
+    date-time's fraction of a second goes on until its time zone)."""
+    delim = np.array([i < N_BPE and any(c in b for c in b'",}]') for i, b in enumerate(token_bytes)])
+    digitless = np.array([i < N_BPE and not any(48 <= c <= 57 for c in b) for i, b in enumerate(token_bytes)])
+    return delim, digitless
 
 
-def run_library(lib, schema: dict, validator, token_bytes, delim, args) -> dict:
+def run_library(lib, schema: dict, validator, token_bytes, closers, args, script=None) -> tuple[dict, list]:
+    """(stats row, the token ids of each finished call). With `script` (such lists from another
+    library), each call replays those ids instead of sampling: the masks are then timed in exactly
+    the same parser states, and a scripted id the mask forbids ends that call as "rejected"."""
     import torch
 
     gc.collect()
-    start = time.perf_counter()
-    lib.compile(schema)
-    compile_s = time.perf_counter() - start
+    compile_s = None
+    if script is None:  # a replay reuses the grammar compiled for the sampled run
+        start = time.perf_counter()
+        lib.compile(schema)
+        compile_s = round(time.perf_counter() - start, 3)
     bitmask = torch.full((1, (VOCAB + 31) // 32), -1, dtype=torch.int32)
     words = bitmask.numpy().view(np.uint8)
     mask_ns, first_ns, create_ns, allowed_counts = [], [], [], []
     slowest = {"ms": -1.0}
     finished = parsed = valid = unfinished = rejected = dead = not_accepted = 0
     per_tool: dict[str, int] = {}
-    failures, samples = [], []
-    for seq in range(args.sequences):
+    failures, samples, finished_tokens = [], [], []
+    n_sequences = len(script) if script is not None else args.sequences
+    for seq in range(n_sequences):
         rng = np.random.default_rng([args.seed, seq])
         t0 = time.perf_counter_ns()
         m = lib.start()
@@ -308,7 +332,12 @@ def run_library(lib, schema: dict, validator, token_bytes, delim, args) -> dict:
                                "after": b"".join(token_bytes[t] for t in tokens)[-120:].decode(errors="replace")}
                 bits = np.unpackbits(words, bitorder="little")[:VOCAB].astype(bool)
                 allowed_counts.append(int(bits.sum()))
-                if bits[EOT]:
+                if script is not None:
+                    token = script[seq][step]
+                    if not bits[token]:
+                        outcome = "rejected"
+                        break
+                elif bits[EOT]:
                     token = EOT
                 else:
                     allowed = np.flatnonzero(bits)
@@ -316,9 +345,11 @@ def run_library(lib, schema: dict, validator, token_bytes, delim, args) -> dict:
                         outcome = "dead end"
                         break
                     if rng.random() < args.close_prob:
-                        closing = np.flatnonzero(bits & delim)
-                        if closing.size:
-                            allowed = closing
+                        for closer in closers:
+                            closing = np.flatnonzero(bits & closer)
+                            if closing.size:
+                                allowed = closing
+                                break
                     token = int(allowed[rng.integers(allowed.size)])
                 if step == args.max_tokens and token != EOT:
                     break
@@ -336,9 +367,11 @@ def run_library(lib, schema: dict, validator, token_bytes, delim, args) -> dict:
             rejected += outcome == "rejected"
             dead += outcome == "dead end"
             not_accepted += outcome == "not accepted"
-            failures.append({"sequence": seq, "outcome": outcome, "tokens": len(tokens)})
+            failures.append({"sequence": seq, "outcome": outcome, "tokens": len(tokens),
+                             "tail": b"".join(token_bytes[t] for t in tokens)[-200:].decode(errors="replace")})
             continue
         finished += 1
+        finished_tokens.append(tokens + [EOT])
         raw = b"".join(token_bytes[t] for t in tokens)
         try:
             call = json.loads(raw.decode("utf-8"))
@@ -353,14 +386,15 @@ def run_library(lib, schema: dict, validator, token_bytes, delim, args) -> dict:
             valid += 1
         else:
             failures.append({"sequence": seq, "outcome": "schema", "text": raw[:300].decode(errors="replace"),
-                             "error": _tool_error(call)})
+                             "error": _tool_error(call, schema)})
         if len(samples) < 3:
             samples.append(raw[:400].decode(errors="replace"))
     ms = np.array(mask_ns) / 1e6
     return {
         "library": lib.name, "version": version(PACKAGES[lib.name]),
-        "compile_s": round(compile_s, 3), "grammar_warnings": list(lib.warnings)[:5],
-        "sequences": args.sequences, "finished": finished, "parsed": parsed, "valid": valid,
+        "compile_s": compile_s, "grammar_warnings": list(lib.warnings)[:5],
+        "mode": "replay" if script is not None else "sampled",
+        "sequences": n_sequences, "finished": finished, "parsed": parsed, "valid": valid,
         "unfinished": unfinished, "rejected": rejected, "dead_ends": dead, "not_accepted": not_accepted,
         "tokens_stepped": int(ms.size),
         "mask_ms": {"median": _r(np.median(ms)), "p90": _r(np.percentile(ms, 90)), "p99": _r(np.percentile(ms, 99)),
@@ -369,17 +403,18 @@ def run_library(lib, schema: dict, validator, token_bytes, delim, args) -> dict:
         "matcher_create_ms_median": _r(np.median(create_ns) / 1e6),
         "allowed_tokens_median": int(np.median(allowed_counts)), "slowest_mask": slowest,
         "per_tool": dict(sorted(per_tool.items())), "failures": failures[:10], "samples": samples,
-    }
+    }, finished_tokens
 
 
-def _tool_error(call) -> str:
+def _tool_error(call, schema: dict) -> str:
     """The first validation error against the named tool's own parameters schema (clearer than anyOf's)."""
     import jsonschema
 
-    tool = next((t for t in TOOLS if isinstance(call, dict) and t["function"]["name"] == call.get("name")), None)
-    if tool is None:
-        return f"no tool named {call.get('name') if isinstance(call, dict) else call!r}"
-    v = jsonschema.Draft202012Validator(strict(tool["function"]["parameters"]),
+    name = call.get("name") if isinstance(call, dict) else None
+    branch = next((b for b in schema["anyOf"] if b["properties"]["name"]["const"] == name), None)
+    if branch is None:
+        return f"no tool named {name!r}"
+    v = jsonschema.Draft202012Validator(branch["properties"]["parameters"],
                                         format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     err = next(iter(sorted(v.iter_errors(call.get("parameters")), key=lambda e: e.path)), None)
     return f"{list(err.path)}: {err.message[:200]}" if err else "wrapper"
@@ -398,7 +433,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['library']:<14} error: {r['error'][:100]}")
             continue
         m = r["mask_ms"]
-        lines.append(f"{r['library']:<14} {r['version']:<8} {r['compile_s']:>9.3f} {r['valid']:>4}/{r['sequences']:<3} "
+        compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.3f}"
+        lines.append(f"{r['library']:<14} {r['version']:<8} {compile_s:>9} {r['valid']:>4}/{r['sequences']:<3} "
                      f"{r['tokens_stepped']:>7} {m['median']:>8.3f} {m['p90']:>8.3f} {m['p99']:>8.3f} {m['max']:>8.3f} "
                      f"{m['mean']:>8.3f} {r['first_mask_ms_median']:>7.3f}")
     return "\n".join(lines)
@@ -418,9 +454,13 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=200, help="tool calls per library per round")
     ap.add_argument("--max-tokens", type=int, default=400, help="a call still open after this many is unfinished")
     ap.add_argument("--close-prob", type=float, default=0.3,
-                    help="chance that a step draws among the allowed tokens holding a JSON delimiter")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds (each library once per round, interleaved)")
+                    help="chance that a step draws among the allowed tokens that close (see the docstring)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds (each library once per round, interleaved)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay-from", default="llguidance",
+                    help="after each round, every library replays this library's finished calls ('' for none)")
+    ap.add_argument("--bounded", action="store_true",
+                    help="add create_event's maxLength 80 title and maxItems 10 attendees (outlines-core cannot build them)")
     ap.add_argument("--target-ms", type=float, default=1.0, help="the project's median mask cost target")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "grammar_mask.json")
     a = ap.parse_args()
@@ -438,8 +478,9 @@ def main() -> None:
         sys.exit(f"{a.tokenizer}: {n} ids, not {VOCAB}")
     table_ = TokenBytes(a.tokenizer).table
     token_bytes = [table_[i] for i in range(VOCAB)]
-    delim = delimiter_tokens(token_bytes)
-    schema = tool_call_schema(TOOLS)
+    closers = closing_tokens(token_bytes)
+    tools = bounded(TOOLS) if a.bounded else TOOLS
+    schema = tool_call_schema(tools)
     validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     jsonschema.Draft202012Validator.check_schema(schema)
 
@@ -461,42 +502,65 @@ def main() -> None:
         adapters[name] = lib
         print(f"{name}: tokenizer setup {setup[name]['tokenizer_setup_s']:.2f} s", flush=True)
 
-    rounds = []
+    rounds, replays = [], []
     for rnd in range(a.repeats):
-        rows = []
+        rows, scripts = [], {}
         for name in libs:
             if name not in adapters:
                 rows.append({"library": name, **setup[name]})
                 continue
             print(f"round {rnd + 1}: {name} ...", flush=True)
             try:
-                row = run_library(adapters[name], schema, validator, token_bytes, delim, a)
+                row, scripts[name] = run_library(adapters[name], schema, validator, token_bytes, closers, a)
             except Exception as e:
                 row = {"library": name, "error": f"{type(e).__name__}: {e}"}
             row.update(setup[name])
             rows.append(row)
         rounds.append(rows)
-        print(f"\nround {rnd + 1} of {a.repeats}: {a.sequences} tool calls per library, vocab {VOCAB}")
+        print(f"\nround {rnd + 1} of {a.repeats}: {a.sequences} sampled tool calls per library, vocab {VOCAB}")
         print(table(rows), flush=True)
+        source = a.replay_from if a.replay_from in scripts else None
+        if a.replay_from and source is None:
+            print(f"no calls from {a.replay_from} to replay", flush=True)
+        if source:
+            rows = []
+            for name in libs:
+                if name not in adapters:
+                    continue
+                try:  # the compiled grammar is reused from the sampled run above
+                    row, _ = run_library(adapters[name], schema, validator, token_bytes, closers, a,
+                                         script=scripts[source])
+                except Exception as e:
+                    row = {"library": name, "error": f"{type(e).__name__}: {e}"}
+                row["replayed_from"] = source
+                rows.append(row)
+            replays.append(rows)
+            print(f"\nround {rnd + 1}: the {len(scripts[source])} finished calls of {source}, replayed by each library "
+                  "(same parser states)")
+            print(table(rows), flush=True)
 
     load_end = os.getloadavg()
-    best = {}
-    for rows in rounds:
-        for r in rows:
-            if "mask_ms" in r:
-                best.setdefault(r["library"], []).append(r["mask_ms"]["median"])
-    verdict = {lib: {"median_ms_per_round": meds, "meets_target": max(meds) <= a.target_ms} for lib, meds in best.items()}
+    verdict = {}
+    for kind, groups in (("sampled", rounds), ("replay", replays)):
+        for rows in groups:
+            for r in rows:
+                if "mask_ms" in r:
+                    verdict.setdefault(r["library"], {}).setdefault(f"median_ms_{kind}", []).append(r["mask_ms"]["median"])
+    for v in verdict.values():
+        v["meets_target"] = max(m for meds in v.values() for m in meds) <= a.target_ms
     print(f"\ntarget: median mask <= {a.target_ms} ms per token at {VOCAB} ids")
     for lib, v in verdict.items():
-        print(f"  {lib:<14} {'meets' if v['meets_target'] else 'misses'}  (medians {v['median_ms_per_round']})")
+        meds = ", ".join(f"{k[10:]} {v[k]}" for k in v if k.startswith("median_ms_"))
+        print(f"  {lib:<14} {'meets' if v['meets_target'] else 'misses'}  (medians: {meds})")
     print(f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, on {os.cpu_count()} shared cores")
 
     result = {
         "vocab_size": VOCAB, "tokenizer": str(a.tokenizer), "stop_token": EOT,
-        "tools": [t["function"]["name"] for t in TOOLS], "schema": schema,
-        "settings": {"sequences": a.sequences, "max_tokens": a.max_tokens, "close_prob": a.close_prob,
+        "tools": [t["function"]["name"] for t in tools], "schema": schema,
+        "settings": {"bounded": a.bounded, "replay_from": a.replay_from, "sequences": a.sequences, "max_tokens": a.max_tokens, "close_prob": a.close_prob,
                      "repeats": a.repeats, "seed": a.seed},
         "target_median_ms": a.target_ms, "verdict": verdict, "setup": setup, "rounds": rounds,
+        "replays": replays,
         "machine": host_info(), "load_average": {"start": list(load_start), "end": list(load_end)},
         "note": "shared machine: other work runs on the same cores, so timings are noisy",
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
