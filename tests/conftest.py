@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from typer.testing import CliRunner
 
 import checkpoints
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any("bundle" in name for name in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-        if item.get_closest_marker("e2e") is not None:
+        if item.get_closest_marker("e2e") is not None or item.get_closest_marker("heavy") is not None:
             item.add_marker(pytest.mark.slow)
 
 
@@ -41,14 +43,32 @@ def run_cli(*args: str, input: str | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
+def _once(tmp_path_factory, name: str, make):
+    """A session fixture's value made once per test run: pytest-xdist's workers are separate
+    sessions, and without this each would write the same checkpoint and lower the same bundle again
+    (pytest-xdist's documented recipe: a lock and a record in the run's shared temporary folder).
+    `make(folder)` writes under `folder` and returns something JSON can hold."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-fixtures"
+    shared.mkdir(exist_ok=True)
+    record = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if record.is_file():
+            return json.loads(record.read_text())
+        value = make(shared / name)
+        record.write_text(json.dumps(value, default=str))
+        return value
+
+
 @pytest.fixture(scope="session")
 def hf_ckpt(tmp_path_factory) -> Path:
-    return checkpoints.write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf")
+    return Path(_once(tmp_path_factory, "hf_ckpt", lambda d: str(checkpoints.write_hf_checkpoint(d / "hf"))))
 
 
 @pytest.fixture(scope="session")
 def meta_ckpt(hf_ckpt, tmp_path_factory) -> Path:
-    return checkpoints.write_meta_checkpoint(hf_ckpt, tmp_path_factory.mktemp("ckpt") / "meta")
+    return Path(_once(tmp_path_factory, "meta_ckpt",
+                      lambda d: str(checkpoints.write_meta_checkpoint(hf_ckpt, d / "meta"))))
 
 
 def _build(out: Path, ckpt: Path, *flags: str) -> dict:
@@ -60,37 +80,43 @@ def _build(out: Path, ckpt: Path, *flags: str) -> dict:
 
 @pytest.fixture(scope="session")
 def bundle_fp32(hf_ckpt, tmp_path_factory) -> dict:
-    return _build(tmp_path_factory.mktemp("bundles") / "fp32", hf_ckpt, "--quant", "none")
+    return _once(tmp_path_factory, "bundle_fp32", lambda d: _build(d / "fp32", hf_ckpt, "--quant", "none"))
 
 
 @pytest.fixture(scope="session")
 def bundle_8da4w(hf_ckpt, tmp_path_factory) -> dict:
-    return _build(tmp_path_factory.mktemp("bundles") / "8da4w", hf_ckpt, "--quant", "8da4w")
+    return _once(tmp_path_factory, "bundle_8da4w", lambda d: _build(d / "8da4w", hf_ckpt, "--quant", "8da4w"))
 
 
 @pytest.fixture(scope="session")
 def bundle_fp32_meta(meta_ckpt, tmp_path_factory) -> dict:
-    return _build(tmp_path_factory.mktemp("bundles") / "fp32-meta", meta_ckpt, "--quant", "none")
+    return _once(tmp_path_factory, "bundle_fp32_meta",
+                 lambda d: _build(d / "fp32-meta", meta_ckpt, "--quant", "none"))
 
 
 @pytest.fixture(scope="session")
 def bytes_ckpt(tmp_path_factory) -> Path:
     """Tiny random model whose tokenizer has every byte as a token: it emits partial UTF-8."""
-    return checkpoints.write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "bytes", seed=1, all_bytes=True)
+    return Path(_once(tmp_path_factory, "bytes_ckpt",
+                      lambda d: str(checkpoints.write_hf_checkpoint(d / "bytes", seed=1, all_bytes=True))))
 
 
 @pytest.fixture(scope="session")
 def bundle_bytes(bytes_ckpt, tmp_path_factory) -> dict:
-    return _build(tmp_path_factory.mktemp("bundles") / "bytes", bytes_ckpt, "--quant", "none")
+    return _once(tmp_path_factory, "bundle_bytes", lambda d: _build(d / "bytes", bytes_ckpt, "--quant", "none"))
+
+
+def _cli_build(out: Path, *args) -> dict:
+    result = run_cli("build", "--out", out, "--json", *args)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> dict:
     """The embedded demo model, 8da4w, as `make demo` builds it."""
-    out = tmp_path_factory.mktemp("bundles") / "demo"
-    result = run_cli("build", "--model", "demo", "--out", out, "--max-seq-len", 64, "--max-context-len", 512, "--json")
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return json.loads(result.stdout)
+    return _once(tmp_path_factory, "demo_bundle", lambda d: _cli_build(
+        d / "demo", "--model", "demo", "--max-seq-len", 64, "--max-context-len", 512))
 
 
 @pytest.fixture(scope="session")
@@ -98,14 +124,26 @@ def chat_ckpt(tmp_path_factory) -> Path:
     """A tiny random Llama with Llama 3's 128,256-id layout and the Llama 3.2 chat template."""
     from chat_fixtures import write_chat_checkpoint
 
-    return write_chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "chat")
+    return Path(_once(tmp_path_factory, "chat_ckpt", lambda d: str(write_chat_checkpoint(d / "chat"))))
 
 
 @pytest.fixture(scope="session")
 def chat_bundle(chat_ckpt, tmp_path_factory) -> dict:
     """Its fp32 bundle with room for a tool-laden conversation (4096 positions)."""
-    out = tmp_path_factory.mktemp("bundles") / "chat"
-    result = run_cli("build", "--checkpoint", chat_ckpt, "--out", out, "--quant", "none", "--max-seq-len", 64,
-                     "--max-context-len", 4096, "--json")
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return json.loads(result.stdout)
+    return _once(tmp_path_factory, "chat_bundle", lambda d: _cli_build(
+        d / "chat", "--checkpoint", chat_ckpt, "--quant", "none", "--max-seq-len", 64, "--max-context-len", 4096))
+
+
+@pytest.fixture(scope="session")
+def vision_fp32_bundle(tmp_path_factory) -> dict:
+    """A tiny random Llama 3.2 Vision (checkpoints.write_mllama_checkpoint, seeded), fp32 text and
+    image encoder; SEQ 8, CTX 48 (tests/test_vision_bundle.py)."""
+    def make(d: Path) -> dict:
+        from checkpoints import write_mllama_checkpoint
+
+        ckpt, _ = write_mllama_checkpoint(d / "mllama")
+        return _cli_build(d / "fp32", "--checkpoint", ckpt, "--max-seq-len", 8, "--max-context-len", 48,
+                          "--quant", "none", "--vision-quant", "none")
+
+    pytest.importorskip("transformers")
+    return _once(tmp_path_factory, "vision_fp32_bundle", make)

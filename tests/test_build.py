@@ -160,6 +160,7 @@ def test_bf16_bundle_runs_close_to_fp32(hf_ckpt, tmp_path):
     assert got.argmax().item() == ref.argmax().item()
 
 
+@pytest.mark.heavy
 @pytest.mark.e2e
 def test_8da8w_with_4bit_embedding_and_output_matches_eager(hf_ckpt, tmp_path):
     from conftest import _build

@@ -205,16 +205,8 @@ def test_device_lengths_fit_and_the_device_runner_stops_at_the_context(bundle_fp
 # ---- vision bundles: aot's own runner ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vision_bundle(tmp_path_factory) -> Path:
-    pytest.importorskip("transformers")
-    from checkpoints import write_mllama_checkpoint
-
-    ckpt, _ = write_mllama_checkpoint(tmp_path_factory.mktemp("mllama") / "hf")
-    out = tmp_path_factory.mktemp("vision-bundles") / "fp32"
-    r = run_cli("build", "--checkpoint", ckpt, "--out", out, "--max-seq-len", 8, "--max-context-len", 48,
-                "--quant", "none", "--vision-quant", "none", "--json")
-    assert r.exit_code == 0, r.stderr + r.stdout
-    return out
+def vision_bundle(vision_fp32_bundle) -> Path:
+    return Path(vision_fp32_bundle["path"])  # conftest's: fp32, SEQ 8, CTX 48
 
 
 def test_vision_engine_refuses_truncates_and_stops_at_the_context(vision_bundle, tmp_path):

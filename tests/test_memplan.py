@@ -68,8 +68,9 @@ def test_the_plan_names_the_cache_and_counts_every_method(long_bundle_fp32):
 
 @pytest.mark.parametrize("bundle, storage, per_head", [
     ("fp32", "fp32", 32 * 4),
-    ("int8", "int8", 32 + 4 + 1),  # int8 values, an fp32 scale and an int8 zero point per token and head
-    ("bf16", "bf16", 32 * 2),  # a --quant bf16 build keeps the cache in bf16
+    # int8 values, an fp32 scale and an int8 zero point per token and head
+    pytest.param("int8", "int8", 32 + 4 + 1, marks=pytest.mark.heavy),
+    pytest.param("bf16", "bf16", 32 * 2, marks=pytest.mark.heavy),  # a --quant bf16 build keeps the cache in bf16
 ])
 def test_the_prediction_before_building_matches_the_plan(bundle, storage, per_head, request):
     """The cache exactly; weights + rope tables within 2% of the constants and delegate blobs;

@@ -99,6 +99,7 @@ def test_qnn_recipe_simulated_on_the_demo_model(no_network):
     assert w8["accuracy_prefill"]["top1_agreement"] > 0.9 and w8["accuracy_decode"]["top1_agreement"] > 0.9
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_mediatek_recipe_simulated_without_its_sdk(no_network):
     assert importlib.util.find_spec("mtk_converter") is None  # what this test is about
@@ -165,6 +166,7 @@ def test_only_the_output_projection_is_kept_at_8_bit(hf_ckpt):
     assert [n.args[1].name for n in linears if is_output_projection(n)] == ["output_weight"]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_block_wise_recipe_simulates(no_network):
     result = run_cli("simulate", "--delegate", "qnn", "--model", "demo", "--quant", "16a4w-block",

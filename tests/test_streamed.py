@@ -20,12 +20,14 @@ def _plain_build(monkeypatch, out: Path, *args) -> bytes:
     return (out / "model.pte").read_bytes()
 
 
+@pytest.mark.heavy
 def test_streamed_checkpoint_build_is_byte_identical(bundle_8da4w, hf_ckpt, tmp_path, monkeypatch):
     assert "load + quantize" in [s["name"] for s in bundle_8da4w["build"]["stages"]]
     streamed = (Path(bundle_8da4w["path"]) / "model.pte").read_bytes()
     assert _plain_build(monkeypatch, tmp_path / "plain", hf_ckpt, "--quant", "8da4w") == streamed
 
 
+@pytest.mark.heavy
 @pytest.mark.e2e
 @pytest.mark.parametrize("quant", ["bf16"])
 def test_streamed_random_weights_build_is_byte_identical(quant, tmp_path, monkeypatch):
@@ -84,6 +86,7 @@ def test_row_chunked_quantization_gives_the_same_tensors(hf_ckpt, monkeypatch):
         assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in a.tensor_data_names), name
 
 
+@pytest.mark.heavy
 def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, tmp_path, monkeypatch):
     """aot/backends/xnnpack_patches.py's workaround: ExecuTorch deep-copies each delegated subgraph (weights
     included) before XNNPACK preprocesses it; aot makes the copy share the weights. Fails if
@@ -105,6 +108,7 @@ def test_lowering_shares_weights_with_xnnpack_preprocess(bundle_8da4w, hf_ckpt, 
     assert result["build"]["input_key"] == bundle_8da4w["build"]["input_key"]
 
 
+@pytest.mark.heavy
 def test_lowering_frees_weights_once_packed(bundle_fp32, hf_ckpt, tmp_path, monkeypatch):
     """aot/backends/xnnpack_patches.py frees each delegated weight once XNNPACK has packed it. The tied fp32
     model is the hard case: the output projection (delegated) and the embedding (a CPU op) share
@@ -130,6 +134,7 @@ def test_lowering_frees_weights_once_packed(bundle_fp32, hf_ckpt, tmp_path, monk
     assert (tmp_path / "keeping" / "model.pte").read_bytes() == (Path(bundle_fp32["path"]) / "model.pte").read_bytes()
 
 
+@pytest.mark.heavy
 @pytest.mark.e2e
 def test_int4_weights_are_held_packed_until_lowering(tmp_path, monkeypatch):
     """aot/backends/xnnpack_patches.py holds 4-bit weights two per byte between quantization and XNNPACK's

@@ -40,8 +40,9 @@ def _build(mllama, tmp_path_factory, name: str, *flags: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(mllama, tmp_path_factory):
-    return _build(mllama, tmp_path_factory, "fp32", "--quant", "none", "--vision-quant", "none")
+def fp32_bundle(vision_fp32_bundle):
+    """conftest's (shared with tests/test_context_limit.py): the same seeded weights as `mllama`."""
+    return vision_fp32_bundle
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,7 @@ def test_run_streams_transformers_greedy_answer(mllama, fp32_bundle, tmp_path):
     assert got["text"] == engine.token_bytes(want).decode("utf-8", errors="replace")
 
 
+@pytest.mark.heavy
 def test_int4_bundle_tracks_eager_torchao(mllama, int4_bundle, tmp_path):
     """The 8da4w bundle (text 8da4w, vision 8da4w, 8-bit embeddings) against the same plan applied
     by torchao to the eager model. Both quantize the same weights to the same integers; what may
@@ -236,6 +238,7 @@ def test_preflight_stops_builds_the_machine_cannot_hold(tmp_path, monkeypatch):
     assert r.exit_code == 3 and "--vision-quant applies to vision models" in r.stderr
 
 
+@pytest.mark.heavy
 def test_validate_reports_accuracy_and_the_image_effect(int4_bundle):
     """`aot validate` on a vision bundle: generated images of 1-4 tiles, the int4 bundle close to
     the fp32 reference, and much closer than the reference is to itself without the image."""
@@ -281,12 +284,12 @@ def test_meta_vision_layout_is_refused_clearly(tmp_path):
     assert r.exit_code == 4 and "convert_mllama_weights_to_hf" in r.stderr, r.stderr
 
 
-def test_fingerprint_matches_the_recorded_input_key(mllama, fp32_bundle, tmp_path):
+def test_fingerprint_matches_the_recorded_input_key(fp32_bundle, tmp_path):
     """Release manifests decide "up to date" by this key without building."""
     from aot.config import build_config
     from aot.pipeline import fingerprint
 
-    cfg = build_config(tmp_path / "x", checkpoint=str(mllama[0]), quant="none", vision_quant="none",
+    cfg = build_config(tmp_path / "x", checkpoint=fp32_bundle["checkpoint"]["path"], quant="none", vision_quant="none",
                        max_seq_len=SEQ, max_context_len=CTX)
     assert fingerprint(cfg) == fp32_bundle["build"]["input_key"]
 
@@ -297,6 +300,7 @@ def int8_sink_bundle(mllama, tmp_path_factory):
                   "--kv-cache", "int8", "--attention-sink", "1,12")
 
 
+@pytest.mark.heavy
 def test_int8_sink_text_decoder_tracks_the_fp32_one(fp32_bundle, int8_sink_bundle, tmp_path):
     """The vision text decoder takes --kv-cache int8 and --attention-sink like the text models: its
     ring holds 1 + 12 + max_seq_len slots of the 48 positions; inside the window its logits follow
