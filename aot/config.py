@@ -19,7 +19,7 @@ from aot.families import family_for, model_names
 from aot.families.common import KVCacheSpec
 from aot.preflight import device_memory_errors
 from aot.quant import QuantConfig
-from aot.texts import DEMO_CHECKPOINT, DEMO_DIR  # noqa: F401  (the --model demo checkpoint)
+from aot.texts import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, DEMO_DIR  # noqa: F401  (the --model demo checkpoint)
 
 DEFAULT_MAX_SEQ_LEN = 128  # longest prefill chunk one forward call takes
 DEFAULT_MAX_CONTEXT_LEN = 2048  # KV cache positions
@@ -64,8 +64,8 @@ class BuildConfig:
                 object.__setattr__(self, "kv_cache", f"int{self.kv_bits}")
             elif self.kv_bits is None and self.kv_cache in backend.kv_caches:
                 object.__setattr__(self, "kv_bits", int(self.kv_cache.removeprefix("int")))
-        if self.model == "demo" and self.checkpoint is None and not self.random_weights:
-            object.__setattr__(self, "checkpoint", DEMO_CHECKPOINT)  # the demo ships its weights
+        if self.model in DEMO_CHECKPOINTS and self.checkpoint is None and not self.random_weights:
+            object.__setattr__(self, "checkpoint", DEMO_CHECKPOINTS[self.model])  # the demos ship their weights
         if self.soc is None and self.delegate in BACKENDS and BACKENDS[self.delegate]().socs():
             object.__setattr__(self, "soc", BACKENDS[self.delegate]().socs()[0])
         errors = self.errors()

@@ -10,6 +10,8 @@ from aot.errors import ConfigError
 
 DEMO_DIR = Path(__file__).parent / "demo"  # the embedded demo model and its held-out text
 DEMO_CHECKPOINT = DEMO_DIR / "model"
+DEMO_INSTRUCT = DEMO_DIR / "instruct"  # its chat and tool-calling fine-tune (tools/train_demo_instruct.py)
+DEMO_CHECKPOINTS = {"demo": DEMO_CHECKPOINT, "demo-instruct": DEMO_INSTRUCT}  # --model NAME ships its weights
 DEMO_TEXT = DEMO_DIR / "heldout.txt"
 
 

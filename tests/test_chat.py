@@ -164,3 +164,36 @@ def test_stop_strings_are_held_back_and_cut():
     assert not s.feed("hello S") and "".join(seen) == "hell"
     assert s.feed("TOP and more")
     assert s.close() == "hello " and "".join(seen) == "hello "
+
+
+# ---- the shipped demo Instruct model (aot/demo/instruct, tools/train_demo_instruct.py) ----------------
+
+
+@pytest.fixture(scope="module")
+def demo_instruct_bundle(tmp_path_factory) -> dict:
+    """`make demo`'s chat bundle: `aot build --model demo-instruct` with its defaults (8da4w)."""
+    out = tmp_path_factory.mktemp("bundles") / "demo-instruct"
+    result = run_cli("build", "--model", "demo-instruct", "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
+
+
+def test_the_demo_instruct_model_answers_and_calls_its_tools(demo_instruct_bundle):
+    """A fresh clone can see chat and a tool call work: the fine-tune answers in words, and offered
+    its nine tools (tool choice auto: the model decides to call, the grammar makes the call parse)
+    it calls get_weather, as `make demo` shows."""
+    from aot.texts import DEMO_INSTRUCT
+
+    b = demo_instruct_bundle
+    assert b["chat"]["source"].endswith("tokenizer_config.json") and b["eos_ids"] == [2, 1, 2050]
+    said = run_cli("run", b["path"], "--chat", "--prompt", "Hello! What can you do?", "--max-new-tokens", 60, "--json")
+    assert said.exit_code == 0, said.stderr
+    words = json.loads(said.stdout)
+    assert words["finish_reason"] == "stop" and words["text"].strip() and not words.get("tool_call")
+    called = run_cli("run", b["path"], "--chat", "--prompt", "What's the weather in Paris?",
+                     "--tools", DEMO_INSTRUCT / "tools.json", "--json")
+    assert called.exit_code == 0, called.stderr
+    call = json.loads(called.stdout)
+    assert call["finish_reason"] == "tool_calls" and call["tool_call"]["name"] == "get_weather", call
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in json.loads((DEMO_INSTRUCT / "tools.json").read_text())}
+    jsonschema.validate(call["tool_call"]["arguments"], tools["get_weather"])  # (the city: 3.5 M parameters copy few)

@@ -90,6 +90,9 @@ MODELS: dict[str, ModelArgs] = {
     "3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128_256, ffn_hidden=8192),
     # aot's embedded demo model (aot/demo, trained by tools/train_demo.py).
     "demo": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_hidden=768),
+    # its Instruct fine-tune (aot/demo/instruct): Llama 3's chat tokens added at 2048-2055
+    # (tools/train_demo_instruct.py)
+    "demo-instruct": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2056, ffn_hidden=768),
     "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, ffn_hidden=384),
     "small": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4096, ffn_hidden=768),
 }
