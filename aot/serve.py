@@ -244,23 +244,21 @@ class Service:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _chunks(self, job: Job, event: tuple, reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:
+        head = b"".join(sse(chunk) for chunk in reply.start())  # sent with the first piece: one write
         try:
-            for chunk in reply.start():
-                yield sse(chunk)
             while True:
                 kind, value = event
                 if kind == "text":
-                    yield sse(reply.piece(value))
+                    yield head + sse(reply.piece(value))
+                    head = b""
                     job.sent.set()  # written: the worker may run the next token
                 elif kind == "error":  # after the stream began: the error as the stream's last event
-                    yield sse(value.body())
+                    yield head + sse(value.body())
                     return
                 elif kind == "done":
                     if value.finish_reason == "cancelled":  # the server stops: the stream ends unfinished
                         return
-                    for chunk in reply.end(value, include_usage):
-                        yield sse(chunk)
-                    yield SSE_DONE
+                    yield head + b"".join(sse(chunk) for chunk in reply.end(value, include_usage)) + SSE_DONE
                     return
                 event = await job.events.get()
         finally:  # also when Starlette cancels the stream because the client disconnected
