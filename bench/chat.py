@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -68,19 +69,21 @@ def turn2_ttft(bundle: Path, history_tokens: int, repeats: int) -> dict:
         reply += PARAGRAPH
     history = [system, first, {"role": "assistant", "content": reply.strip()}]
     opts = ChatOptions(max_new_tokens=4)
+    other = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour."}]
     kept, cold = [], []
+    fresh = ChatSession(b)  # loaded and run once, as the kept side's session is: load time is not TTFT
     for _ in range(repeats):
         session = ChatSession(b)
         session.prompt_logits(history)  # turn 1 and its reply are in the cache, as after a generated reply
         t = session.turn([*history, question], opts)
         kept.append((t.ttft_s, t.prompt_tokens, t.reused_tokens))
-        fresh = ChatSession(b)
+        fresh.prompt_logits(other)  # another conversation in the cache: only the template's header is shared
         c = fresh.turn([system, question], opts)
         cold.append((c.ttft_s, c.prompt_tokens, c.reused_tokens))
     k, c = statistics.median(x[0] for x in kept), statistics.median(x[0] for x in cold)
     return {"bundle": str(bundle), "history_tokens": kept[0][2],
             "turn2_prompt_tokens": kept[0][1], "turn2_new_tokens": kept[0][1] - kept[0][2],
-            "no_history_prompt_tokens": cold[0][1], "ttft_kept_ms": round(k * 1000, 1),
+            "no_history_prompt_tokens": cold[0][1], "no_history_reused_tokens": cold[0][2], "ttft_kept_ms": round(k * 1000, 1),
             "ttft_no_history_ms": round(c * 1000, 1), "ratio": round(k / c, 3), "target_ratio": 1.2,
             "runs": {"kept_ms": [round(x[0] * 1000, 1) for x in kept], "no_history_ms": [round(x[0] * 1000, 1) for x in cold]}}
 
@@ -167,8 +170,11 @@ def main() -> None:
                 "--quant", args.quant, "--max-seq-len", "128", "--max-context-len", "4096")
     small = build(args.work / "tiny-128k", "--checkpoint", str(_tiny_checkpoint(args.work, tok)), "--quant", "none",
                   "--max-seq-len", "64", "--max-context-len", "4096")
-    result = {"host": host_info(), "turn2": turn2_ttft(big, args.history_tokens, args.repeats),
-              "tool_calls": tool_calls(small, args.calls, args.seed)}
+    result = {"host": host_info(), "load_average_start": list(os.getloadavg()),
+              "turn2": turn2_ttft(big, args.history_tokens, args.repeats),
+              "tool_calls": tool_calls(small, args.calls, args.seed), "load_average_end": None,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     t, c = result["turn2"], result["tool_calls"]
@@ -176,7 +182,8 @@ def main() -> None:
         "| figure | measured | target |", "|---|---|---|",
         f"| turn 2 TTFT, {t['history_tokens']}-token history kept ({t['turn2_new_tokens']} new tokens) | "
         f"{t['ttft_kept_ms']} ms | |",
-        f"| same turn, no history ({t['no_history_prompt_tokens']} tokens) | {t['ttft_no_history_ms']} ms | |",
+        f"| same turn, no history ({t['no_history_prompt_tokens']} tokens, {t['no_history_reused_tokens']} of them the "
+        f"template's cached header) | {t['ttft_no_history_ms']} ms | |",
         f"| ratio | {t['ratio']}x | <= 1.2x |",
         f"| constrained tool calls valid | {c['valid']}/{c['calls']} | 100% |",
         f"| grammar mask per token, {c['vocab_size']} vocab: median / p99 | {c['mask_ms']['median']} / "

@@ -2,6 +2,7 @@
 the three candidate libraries: llguidance, xgrammar and outlines-core. Picks the library aot builds
 its tool-call constraint on (target: median mask <= 1 ms per token on the project's machine).
 
+    .venv/bin/pip install outlines-core==0.2.14 && .venv/bin/pip install --no-deps xgrammar==0.2.9  # bench only
     .venv/bin/python tools/llama3_sized_tokenizer.py --out build/llama3-sized-tokenizer   # once
     .venv/bin/python bench/grammar_mask.py                 # -> bench/results/grammar_mask.json
     .venv/bin/python bench/grammar_mask.py --libs llguidance,xgrammar --sequences 50 --repeats 1
