@@ -71,11 +71,15 @@ def meta_ckpt(hf_ckpt, tmp_path_factory) -> Path:
                       lambda d: str(checkpoints.write_meta_checkpoint(hf_ckpt, d / "meta"))))
 
 
-def _build(out: Path, ckpt: Path, *flags: str) -> dict:
-    result = run_cli("build", "--checkpoint", ckpt, "--out", out, "--max-seq-len", SEQ,
-                     "--max-context-len", CTX, "--json", *flags)
+def cli_build(out: Path, *args) -> dict:
+    """`aot build --out OUT --json ARGS` in-process; its JSON (the build must succeed)."""
+    result = run_cli("build", "--out", out, "--json", *args)
     assert result.exit_code == 0, result.stderr + result.stdout
     return json.loads(result.stdout)
+
+
+def _build(out: Path, ckpt: Path, *flags: str) -> dict:
+    return cli_build(out, "--checkpoint", ckpt, "--max-seq-len", SEQ, "--max-context-len", CTX, *flags)
 
 
 @pytest.fixture(scope="session")
@@ -106,16 +110,10 @@ def bundle_bytes(bytes_ckpt, tmp_path_factory) -> dict:
     return _once(tmp_path_factory, "bundle_bytes", lambda d: _build(d / "bytes", bytes_ckpt, "--quant", "none"))
 
 
-def _cli_build(out: Path, *args) -> dict:
-    result = run_cli("build", "--out", out, "--json", *args)
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return json.loads(result.stdout)
-
-
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> dict:
     """The embedded demo model, 8da4w, as `make demo` builds it."""
-    return _once(tmp_path_factory, "demo_bundle", lambda d: _cli_build(
+    return _once(tmp_path_factory, "demo_bundle", lambda d: cli_build(
         d / "demo", "--model", "demo", "--max-seq-len", 64, "--max-context-len", 512))
 
 
@@ -130,7 +128,7 @@ def chat_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_bundle(chat_ckpt, tmp_path_factory) -> dict:
     """Its fp32 bundle with room for a tool-laden conversation (4096 positions)."""
-    return _once(tmp_path_factory, "chat_bundle", lambda d: _cli_build(
+    return _once(tmp_path_factory, "chat_bundle", lambda d: cli_build(
         d / "chat", "--checkpoint", chat_ckpt, "--quant", "none", "--max-seq-len", 64, "--max-context-len", 4096))
 
 
@@ -142,7 +140,7 @@ def vision_fp32_bundle(tmp_path_factory) -> dict:
         from checkpoints import write_mllama_checkpoint
 
         ckpt, _ = write_mllama_checkpoint(d / "mllama")
-        return _cli_build(d / "fp32", "--checkpoint", ckpt, "--max-seq-len", 8, "--max-context-len", 48,
+        return cli_build(d / "fp32", "--checkpoint", ckpt, "--max-seq-len", 8, "--max-context-len", 48,
                           "--quant", "none", "--vision-quant", "none")
 
     pytest.importorskip("transformers")

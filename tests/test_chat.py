@@ -15,7 +15,7 @@ from aot.bundle import open_bundle
 from aot.errors import ConfigError
 from aot.runner.chat import ChatOptions, ChatSession, Streamer, chat_format
 from chat_fixtures import TOOLS
-from conftest import run_cli
+from conftest import cli_build, run_cli
 
 SYSTEM = {"role": "system", "content": "You are a concise assistant."}
 WORDS = "the weather in Paris is sunny and 18 degrees send a calendar invite to Alice for Monday".split()
@@ -94,11 +94,8 @@ def test_cancel_stops_and_the_next_turn_runs(session):
 
 @pytest.fixture(scope="module")
 def sink_bundle(chat_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "chat-sink"
-    result = run_cli("build", "--checkpoint", chat_ckpt, "--out", out, "--quant", "none", "--max-seq-len", 32,
-                     "--max-context-len", 4096, "--attention-sink", "4,96", "--json")
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return json.loads(result.stdout)
+    return cli_build(tmp_path_factory.mktemp("bundles") / "chat-sink", "--checkpoint", chat_ckpt, "--quant", "none",
+                     "--max-seq-len", 32, "--max-context-len", 4096, "--attention-sink", "4,96")
 
 
 def test_chat_goes_on_through_a_sink_ring(sink_bundle):
@@ -172,10 +169,7 @@ def test_stop_strings_are_held_back_and_cut():
 @pytest.fixture(scope="module")
 def demo_instruct_bundle(tmp_path_factory) -> dict:
     """`make demo`'s chat bundle: `aot build --model demo-instruct` with its defaults (8da4w)."""
-    out = tmp_path_factory.mktemp("bundles") / "demo-instruct"
-    result = run_cli("build", "--model", "demo-instruct", "--out", out, "--json")
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return json.loads(result.stdout)
+    return cli_build(tmp_path_factory.mktemp("bundles") / "demo-instruct", "--model", "demo-instruct")
 
 
 def test_the_demo_instruct_model_answers_and_calls_its_tools(demo_instruct_bundle):

@@ -90,6 +90,19 @@ def mean_loss(model, stream: torch.Tensor, seq: int, windows: int) -> float:
     return sum(losses) / len(losses)
 
 
+def adamw_cosine(model, lr: float, steps: int, weight_decay: float, floor: float):
+    """(optimizer, scheduler) both demo trainings use: AdamW (betas 0.9/0.95, weight decay on
+    matrices only), linear warm-up over the first 5% of `steps`, then cosine decay to `floor` x lr."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), fused=False)
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, floor + (1 - floor) * 0.5 * (
+        1 + math.cos(math.pi * min(max(s - warmup, 0) / max(steps - warmup, 1), 1.0)))))
+    return opt, sched
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -118,13 +131,7 @@ def main() -> None:
         tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=[EOS, EOT], initializer_range=0.02,
     )
     model = LlamaForCausalLM(config)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=False)
-    warmup = max(args.steps // 20, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.9 * 0.5 * (
-        1 + math.cos(math.pi * min(max(s - warmup, 0) / max(args.steps - warmup, 1), 1.0)))))
+    opt, sched = adamw_cosine(model, args.lr, args.steps, weight_decay=0.1, floor=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     data = batches(train_ids, args.batch, args.seq, gen)
     train_t0, recent = time.time(), []

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from train_demo import adamw_cosine  # (tools/ is on sys.path when this script runs)
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "aot" / "demo" / "model"
@@ -849,13 +850,7 @@ def main() -> None:
     model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=[EOT, EOS, EOM])
     print(f"base model held-out loss {base_heldout:.3f}", flush=True)
 
-    decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
-    no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=False)
-    warmup = max(args.steps // 20, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.05 + 0.95 * 0.5 * (
-        1 + math.cos(math.pi * min(max(s - warmup, 0) / max(args.steps - warmup, 1), 1.0)))))
+    opt, sched = adamw_cosine(model, args.lr, args.steps, weight_decay=0.05, floor=0.05)
     train_t0, recent, curve = time.time(), [], []
     model.train()
     for step, idx in enumerate(plan, 1):
