@@ -133,9 +133,9 @@ class Worker(threading.Thread):
             self.counts["failed"] += 1
             log.exception("aot serve: a generation failed")
             kind = e.kind if isinstance(e, AotError) else "internal"
-            job.post("error", ApiError(500, f"the generation failed ({kind}: {type(e).__name__}: {e})", "server_error"))
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # before the reply, so the client never sees a stale cache
                 self.session._fresh_cache()  # the KV cache may hold what the failed call half wrote
+            job.post("error", ApiError(500, f"the generation failed ({kind}: {type(e).__name__}: {e})", "server_error"))
         else:
             self.counts["cancelled" if turn.finish_reason == "cancelled" else "done"] += 1
             job.post("done", turn)
