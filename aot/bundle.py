@@ -18,6 +18,7 @@ BUNDLE_JSON = "bundle.json"
 BUNDLE_FORMAT = "aot-bundle"
 FORMAT_VERSION = 1
 PTE_NAME = "model.pte"
+PTD_NAME = "model.ptd"  # external weights (--external-weights): ExecuTorch named data beside the program
 
 
 class Staging:
@@ -150,6 +151,12 @@ class Bundle:
         if self.manifest.get("image") is not None:
             raise ConfigError(f"{self.root} is a vision bundle: {what} runs text bundles; use `aot run --image` "
                               "and `aot validate` (host) for it")
+
+    @property
+    def data_path(self) -> Path | None:
+        """model.ptd, the external weights (--external-weights), or None for a single-file bundle."""
+        name = self.manifest.get("data_file")
+        return self.root / name if name else None
 
     @property
     def tokenizer(self) -> Path:

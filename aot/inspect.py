@@ -15,7 +15,8 @@ def inspect_bundle(path: Path) -> dict:
     manifest = verify_bundle(path)
     root = Path(path).expanduser()
     root = root if root.is_dir() else root.parent
-    program = PteProgram(root / PTE_NAME)
+    data = manifest.get("data_file")
+    program = PteProgram(root / PTE_NAME, root / data if data else None)
     metadata = program.metadata()
     recorded = manifest.get("metadata", {})
     differing = [k for k in recorded if metadata.get(k) != recorded[k]]
@@ -27,5 +28,5 @@ def inspect_bundle(path: Path) -> dict:
         name: program.method_meta(name) for name in program.method_names if name not in metadata
     }
     # read from the program itself: also for bundles built before bundle.json recorded it
-    plan = read_memory_plan(root / PTE_NAME)
+    plan = read_memory_plan(root / PTE_NAME, root / data if data else None)
     return {**manifest, "path": str(root), "memory_plan": plan, "program": {"methods": methods, "metadata": metadata}}

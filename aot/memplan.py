@@ -47,17 +47,27 @@ PARTS = {
     "activations_bytes": "activations",
     "delegate_bytes": "delegate weights",
     "constants_bytes": "constants (mmapped)",
+    "external_bytes": "external weights (model.ptd)",
 }
 
 
-def read_memory_plan(path: Path) -> dict:
-    """The plan of the .pte at `path` (mapped, not read whole)."""
+def read_memory_plan(path: Path, data_path: Path | None = None) -> dict:
+    """The plan of the .pte at `path` (mapped, not read whole). With `data_path` (the bundle's
+    model.ptd), its weights count at load too: the file's size, its header a few KiB of it (the
+    delegate packs its part, as it does named data in the .pte; the rest is mmapped)."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return memory_plan(data)
+            plan = memory_plan(data)
     except Exception as e:  # unreadable, empty, or not a flatbuffer ExecuTorch can parse
         raise BundleError(f"{path}: cannot read the program's memory plan ({type(e).__name__}: {e}); "
                           "rebuild the bundle") from None
+    if data_path is not None:
+        total = plan["total"]
+        total["external_bytes"] = Path(data_path).stat().st_size
+        total["at_load_bytes"] += total["external_bytes"]
+        total["biggest"] = biggest(total)
+        plan["source"] = f"{plan['source']} + {Path(data_path).name}"
+    return plan
 
 
 def memory_plan(data) -> dict:

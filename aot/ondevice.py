@@ -147,12 +147,15 @@ def validate_on_device(bundle: Bundle, cfg: DeviceConfig, text: Path, reference:
     prompts = prompts_from_text(ids, cfg.prompts, cfg.prompt_tokens)
     runs = 1 if cfg.skip_speed else cfg.repeats
     request = {"pte": "model.pte", "prompts": prompts, "new_tokens": cfg.new_tokens, "repeats": runs}
+    if bundle.data_path is not None:
+        request["data"] = bundle.data_path.name
     if device.kind == "adb":
         host_tokens, result, runner = _run_adb(bundle, device, cfg, tokenizer, prompts, stages)
     else:
         with stages.stage("host baseline", f"{len(prompts)} prompts"):
             with native_output_silenced():
-                here = device_runner.run({**request, "pte": str(bundle.pte), "repeats": 1})
+                here = device_runner.run({**request, "pte": str(bundle.pte), "repeats": 1,
+                                          **({"data": str(bundle.data_path)} if bundle.data_path else {})})
             if not here["ok"]:
                 raise DeviceError(f"this host could not run {bundle.pte}: {here['message']}")
             host_tokens = here["tokens"]
@@ -234,6 +237,8 @@ def _run_ssh(bundle: Bundle, device, cfg: DeviceConfig, request: dict, stages) -
         if done.code != 0:
             raise DeviceError(f"--device {device.name}: cannot create ~/{directory}: {done.stderr.strip()}")
         pushed = _push_if_changed(device, bundle.pte, f"{directory}/model.pte")
+        if bundle.data_path is not None:
+            pushed |= _push_if_changed(device, bundle.data_path, f"{directory}/{bundle.data_path.name}")
         _push_if_changed(device, RUNNER_SCRIPT, f"{directory}/device_runner.py")
         with tempfile.TemporaryDirectory(prefix="aot-device-") as tmp:
             req = Path(tmp) / "request.json"
@@ -278,6 +283,8 @@ def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stag
     with stages.stage("push", device.name):
         device.run(f"mkdir -p {quote(directory)}")
         _push_if_changed(device, bundle.pte, f"{directory}/model.pte")
+        if bundle.data_path is not None:
+            _push_if_changed(device, bundle.data_path, f"{directory}/{bundle.data_path.name}")
         _push_if_changed(device, bundle.tokenizer, f"{directory}/{bundle.tokenizer.name}")
         _push_if_changed(device, runner_path, f"{directory}/llama_main")
         device.run(f"chmod 755 {quote(directory)}/llama_main")
@@ -287,7 +294,8 @@ def _run_adb(bundle: Bundle, device, cfg: DeviceConfig, tokenizer, prompts, stag
             for i, prompt in enumerate(texts):
                 seq_len, max_new = llama_main_lengths(len(prompts[i]), cfg.new_tokens,
                                                       bundle.manifest["export"]["max_context_len"])
-                command = runner_command(directory, bundle.tokenizer.name, prompt, seq_len)
+                command = runner_command(directory, bundle.tokenizer.name, prompt, seq_len,
+                                         data=bundle.data_path.name if bundle.data_path else None)
                 done = device.run(f"{command} --max_new_tokens={max_new}", timeout=cfg.timeout)
                 if done.code != 0:
                     tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [str(done.code)]

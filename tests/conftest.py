@@ -145,3 +145,33 @@ def vision_fp32_bundle(tmp_path_factory) -> dict:
 
     pytest.importorskip("transformers")
     return _once(tmp_path_factory, "vision_fp32_bundle", make)
+
+
+@pytest.fixture(scope="session")
+def release_bundles(hf_ckpt, tmp_path_factory) -> dict:
+    """A two-target release (`aot release`) of one model and recipe, 8da4w with external weights:
+    `short` at CTX positions, `long` at 2*CTX with an int8 KV cache. Their model.ptd are the same
+    bytes (tests/test_external_weights.py); tests/test_publish.py and test_pull.py publish and pull
+    it. Returns {"root": ..., "index": release.json's content}."""
+    def make(d: Path) -> dict:
+        manifest = d / "release.yaml"
+        d.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(f"""
+version: 1
+defaults:
+  checkpoint: {hf_ckpt}
+  quant: 8da4w
+  max_seq_len: {SEQ}
+  external_weights: true
+targets:
+  - name: short
+    max_context_len: {CTX}
+  - name: long
+    max_context_len: {2 * CTX}
+    kv_cache: int8
+""")
+        result = run_cli("release", "--manifest", manifest, "--out", d / "root", "--json")
+        assert result.exit_code == 0, result.stderr + result.stdout
+        return {"root": str(d / "root"), "index": json.loads((d / "root" / "release.json").read_text())}
+
+    return _once(tmp_path_factory, "release_bundles", make)

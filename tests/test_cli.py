@@ -143,7 +143,7 @@ def test_pickle_that_runs_code_is_refused(meta_ckpt, tmp_path):
 def test_interrupt_leaves_nothing(hf_ckpt, tmp_path, monkeypatch):
     import aot.pipeline
 
-    def interrupted(methods):
+    def interrupted(methods, weights_tag=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(aot.pipeline, "export_methods", interrupted)

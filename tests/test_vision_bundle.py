@@ -315,3 +315,20 @@ def test_int8_sink_text_decoder_tracks_the_fp32_one(fp32_bundle, int8_sink_bundl
     assert _relative(int8, fp32) < 0.05
     g = engines[1].generate("<|image|>" + "describe it " * 3, 100, image=tmp_path / "p.png")
     assert g.stop_reason in ("context", "eos") and g.prompt_tokens + g.generated_tokens <= CTX
+
+
+@pytest.mark.heavy
+def test_external_weights_vision_bundle_runs_as_the_single_file_one(mllama, fp32_bundle, tmp_path_factory, tmp_path):
+    """fp32_bundle's recipe with --external-weights: the vision encoder's and the text decoder's
+    weights in one model.ptd (each method's under its own name), the same answer for an image."""
+    split = _build(mllama, tmp_path_factory, "fp32-external", "--quant", "none", "--vision-quant", "none",
+                   "--external-weights")
+    assert split["data_file"] == "model.ptd" and split["files"]["model.pte"]["bytes"] < split["files"]["model.ptd"]["bytes"] / 3
+    picture = _picture(tmp_path / "p.png", 50, 30, seed=5)
+    texts = []
+    for bundle in (split, fp32_bundle):
+        r = run_cli("run", bundle["path"], "--image", picture, "--prompt", "<|image|>What is in this image?",
+                    "--max-new-tokens", 8, "--json")
+        assert r.exit_code == 0, r.stderr + r.stdout
+        texts.append(json.loads(r.stdout)["text"])
+    assert texts[0] == texts[1]

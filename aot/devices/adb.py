@@ -122,11 +122,14 @@ def require_runner(runner: Path | None) -> Path:
     return runner
 
 
-def runner_command(directory: str, tokenizer: str, prompt: str, seq_len: int, threads: int | None = None) -> str:
+def runner_command(directory: str, tokenizer: str, prompt: str, seq_len: int, threads: int | None = None,
+                   data: str | None = None) -> str:
     """llama_main's command line: greedy, the prompt as text, seq_len positions in all (prompt +
-    generated: its --seq_len), on --cpu_threads threads (default: its performant cores)."""
+    generated: its --seq_len), on --cpu_threads threads (default: its performant cores), with the
+    external weights file `data` (--data_paths) when the bundle has one."""
     return (f"cd {quote(directory)} && ./llama_main --model_path=model.pte --tokenizer_path={quote(tokenizer)} "
-            f"--prompt={quote(prompt)} --temperature=0 --seq_len={seq_len}"
+            + (f"--data_paths={quote(data)} " if data else "")
+            + f"--prompt={quote(prompt)} --temperature=0 --seq_len={seq_len}"
             + (f" --cpu_threads={threads}" if threads else ""))
 
 

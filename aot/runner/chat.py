@@ -171,7 +171,7 @@ class ChatSession:
     def _fresh_cache(self) -> None:
         """A newly loaded forward method: its planned buffers (the ring) start as the bundle gives them."""
         with native_output_silenced():
-            self.engine.forward = PteProgram(self.bundle.pte).forward()
+            self.engine.forward = PteProgram(self.bundle.pte, self.bundle.data_path).forward()
         self.cached = []
 
     def _prefill(self, ids: list[int], reused: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ the baseline the device is compared with, so both sides run the same code.
 
     python3 device_runner.py request.json result.json
 
-request.json: {"pte": "model.pte", "prompts": [[token ids], ...], "new_tokens": N, "repeats": R}
+request.json: {"pte": "model.pte", ["data": "model.ptd",] "prompts": [[token ids], ...], "new_tokens": N, "repeats": R}
 (prompts start with BOS; the host tokenizes, so the device needs no tokenizer). result.json:
 {"ok": true, "tokens": [[generated ids per prompt]], "stop_reasons": ["eos" | "max_new_tokens" |
 "context", ...], "speed": {...}, "device": {...}} or {"ok": false, "error": "runtime" | "load" |
@@ -89,7 +89,8 @@ def run(request: dict, base: str = ".") -> dict:
     pte = os.path.join(base, request["pte"])
     start = time.perf_counter()
     try:
-        program = Runtime.get().load_program(pte)
+        data = request.get("data")  # model.ptd when the weights are external
+        program = Runtime.get().load_program(pte, data_path=os.path.join(base, data) if data else None)
         meta = {name: list(program.load_method(name).execute([]))
                 for name in ("get_max_seq_len", "get_max_context_len", "get_eos_ids")}
         program.load_method("forward")

@@ -124,7 +124,8 @@ class StockEngine:
         tokenizer, self.byte_level = stream_tokenizer(bundle.tokenizer, Path(self._tmp.name))
         start = time.perf_counter()
         with native_output_silenced((1, 2)):  # the C++ runner logs every step to stdout/stderr
-            self.runner = TextLLMRunner(str(bundle.pte), str(tokenizer))
+            self.runner = TextLLMRunner(str(bundle.pte), str(tokenizer),
+                                        None if bundle.data_path is None else str(bundle.data_path))
         self.init_s = time.perf_counter() - start  # tokenizer and metadata; the program loads lazily
         # The runner's own tokenizer file and class, so prompts are counted as it will count them.
         self.tokenizer, _ = load_tokenizer(tokenizer)
@@ -208,7 +209,7 @@ class PythonEngine:
         load_kernels()  # imports, not counted as load time
         start = time.perf_counter()
         with native_output_silenced():
-            program = PteProgram(bundle.pte)
+            program = PteProgram(bundle.pte, bundle.data_path)
             self.meta = program.metadata()
             self.forward = program.forward()
         self.load_s = time.perf_counter() - start

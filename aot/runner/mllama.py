@@ -61,7 +61,7 @@ class VisionEngine:
         load_kernels()
         start = time.perf_counter()
         with native_output_silenced():
-            program = PteProgram(bundle.pte)
+            program = PteProgram(bundle.pte, bundle.data_path)
             self.meta = program.metadata()
             self.vision = program.program.load_method("vision_encoder")
             self.text = program.program.load_method("text_decoder")

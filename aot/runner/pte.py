@@ -44,13 +44,14 @@ def load_kernels() -> None:
 
 
 class PteProgram:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, data_path: Path | None = None):
+        """`data_path`: the bundle's model.ptd when its weights are external (Bundle.data_path)."""
         load_kernels()
         from executorch.runtime import Runtime
 
         self.path = Path(path)
         try:
-            self.program = Runtime.get().load_program(str(self.path))
+            self.program = Runtime.get().load_program(str(self.path), data_path=None if data_path is None else str(data_path))
         except Exception as e:
             raise BundleError(f"{self.path}: ExecuTorch cannot load this program ({e}); rebuild the bundle") from None
         self.method_names = sorted(self.program.method_names)
