@@ -58,8 +58,11 @@ def build(
     fail_fast: bool = typer.Option(False, "--fail-fast", help="With --manifest: stop at the first failure."),
     rebuild: bool = typer.Option(False, "--rebuild", help="With --manifest: build even when up to date."),
     # The build fields: named as in aot.config.FIELDS (manifests use the same names).
-    model: Optional[str] = typer.Option(None, "--model", help="1b, 3b, 11b-vision, 90b-vision (or tiny, small). With --checkpoint: a check."),
+    model: Optional[str] = typer.Option(None, "--model", help="1b, 3b, 11b-vision, 90b-vision (or tiny, small). Alone: its "
+                                "published checkpoint from the HF cache. With --checkpoint or --hf-repo: a check."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama 3.2 folder."),
+    hf_repo: Optional[str] = typer.Option(None, "--hf-repo", help="Hugging Face repo ID[@revision]: from the HF cache, "
+                                          "else downloaded (HF_TOKEN for gated repos) [--model's, cached only]."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Untrained weights, for benchmarking only."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights and spinquant's random rotations [0]."),
@@ -84,6 +87,8 @@ def build(
     bos_id: Optional[int] = typer.Option(None, "--bos-id", help="Override the tokenizer's BOS id."),
     eos_ids: Optional[List[int]] = typer.Option(None, "--eos-id", help="Override EOS ids (repeatable)."),
     full_logits: bool = typer.Option(False, "--full-logits", help="forward returns logits for every position."),
+    external_weights: bool = typer.Option(False, "--external-weights", help="xnnpack: the weights in model.ptd beside a "
+                                          "small model.pte; equal weights give a byte-identical .ptd [one file]."),
     vision_quant: Optional[str] = typer.Option(None, "--vision-quant", help="Vision models: the image encoder's scheme: "
                                                "8da8w, 8da4w, none [8da8w]."),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="The phone's memory for the app (6GiB, 512MiB; "

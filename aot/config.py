@@ -17,6 +17,7 @@ from aot.backends import BACKENDS
 from aot.errors import ConfigError
 from aot.families import family_for, model_names
 from aot.families.common import KVCacheSpec
+from aot.hfcache import PUBLISHED, repo_errors
 from aot.preflight import device_memory_errors
 from aot.quant import QuantConfig
 from aot.texts import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, DEMO_DIR  # noqa: F401  (the --model demo checkpoint)
@@ -31,6 +32,10 @@ class BuildConfig:
     out: Path
     model: str | None = None
     checkpoint: Path | None = None
+    # A Hugging Face repo "ID[@revision]": its snapshot in the local HF cache, else downloaded
+    # through huggingface_hub (aot.hfcache). Without it and without --checkpoint, --model's
+    # published repo is looked up in the cache.
+    hf_repo: str | None = None
     tokenizer: Path | None = None
     rotation: Path | None = None  # learned SpinQuant R1/R2 (R.bin); default: random Hadamard
     random_weights: bool = False
@@ -53,6 +58,9 @@ class BuildConfig:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] | None = None
     full_logits: bool = False
+    # The weights in model.ptd beside a small model.pte (ExecuTorch named data): targets with equal
+    # quantized weights (two contexts, two KV-cache types) write a byte-identical .ptd.
+    external_weights: bool = False
     vision_quant: str | None = None  # vision models: the image encoder's scheme [8da8w]
     no_preflight: bool = False  # build even when the memory/disk estimate says it will not fit
     force: bool = False
@@ -64,7 +72,8 @@ class BuildConfig:
                 object.__setattr__(self, "kv_cache", f"int{self.kv_bits}")
             elif self.kv_bits is None and self.kv_cache in backend.kv_caches:
                 object.__setattr__(self, "kv_bits", int(self.kv_cache.removeprefix("int")))
-        if self.model in DEMO_CHECKPOINTS and self.checkpoint is None and not self.random_weights:
+        weights_given = self.checkpoint is not None or self.hf_repo is not None or self.random_weights
+        if self.model in DEMO_CHECKPOINTS and not weights_given:
             object.__setattr__(self, "checkpoint", DEMO_CHECKPOINTS[self.model])  # the demos ship their weights
         if self.soc is None and self.delegate in BACKENDS and BACKENDS[self.delegate]().socs():
             object.__setattr__(self, "soc", BACKENDS[self.delegate]().socs()[0])
@@ -79,9 +88,16 @@ class BuildConfig:
             errors.append(f"unknown --model '{self.model}'; choose one of: {', '.join(models)}")
         else:
             errors += family_for(self).config_errors(self)
-        if self.checkpoint is None and not self.random_weights:
+        if self.hf_repo is not None:
+            errors += repo_errors(self.hf_repo)
+            if self.checkpoint is not None:
+                errors.append("--hf-repo and --checkpoint exclude each other; drop one")
+            if self.random_weights:
+                errors.append("--hf-repo and --random-weights exclude each other; drop one")
+        elif self.checkpoint is None and not self.random_weights and self.model not in PUBLISHED:
             errors.append(
-                "give --checkpoint DIR (a Meta or Hugging Face Llama 3.2 directory), or --model NAME "
+                "give --checkpoint DIR (a Meta or Hugging Face Llama 3.2 directory), --hf-repo ID, --model "
+                f"{'|'.join(PUBLISHED)} (its published checkpoint, from the Hugging Face cache), or --model NAME "
                 "--random-weights to build untrained weights for benchmarking"
             )
         if self.checkpoint is not None and self.random_weights:
@@ -113,6 +129,9 @@ class BuildConfig:
         errors = delegate_errors(backend, self.quant.scheme, self.soc, self.kv_bits)
         if self.calibration is not None and not backend.static_shapes:
             errors.append(f"--calibration applies to NPU delegates (PT2E), not --delegate {self.delegate}; drop it")
+        if self.external_weights and backend.static_shapes:
+            errors.append(f"--external-weights: --delegate {self.delegate} bundles keep their weights in the vendor's "
+                          "context binary inside model.pte; external weights are for --delegate xnnpack")
         return errors
 
     def _cache_errors(self) -> list[str]:

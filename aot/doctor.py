@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psutil
 
+from aot import hfcache
 from aot.backends import BACKENDS
 from aot.pipeline import versions
 
@@ -24,7 +25,13 @@ def diagnose() -> dict:
         delegates[name] = {"available": status.ok, "reason": status.reason, "description": cls.description,
                            "schemes": list(cls.schemes), "socs": list(backend.socs()),
                            "simulate": cls.static_shapes}  # `aot simulate` runs its recipe here
-    return {"versions": versions(), "host": host_info(), "delegates": delegates}
+    return {"versions": versions(), "host": host_info(), "delegates": delegates, "hf_cache": hf_cache()}
+
+
+def hf_cache() -> dict:
+    """The published Llama 3.2 checkpoints in the Hugging Face cache (`--model NAME` builds them)."""
+    found = [r for r in hfcache.cached_published() if r["state"] != "absent"]
+    return {"path": str(hfcache.cache_dir()), "checkpoints": found}
 
 
 def host_info() -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aot import __version__
 from aot.backends import Backend, get_backend
-from aot.bundle import BUNDLE_FORMAT, FORMAT_VERSION, PTE_NAME, Staging
+from aot.bundle import BUNDLE_FORMAT, FORMAT_VERSION, PTD_NAME, PTE_NAME, Staging
 from aot.config import PATH_FIELDS, BuildConfig
 from aot.delegation import delegation_report
 from aot.errors import BuildError
@@ -54,15 +54,18 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
             program = backend.prepare(family.methods(model, src, cfg), model, src, cfg, stages)
             del model
             with stages.stage("export", program.export_label()):
-                programs = export_methods(program.methods)
+                programs = export_methods(program.methods, EXTERNAL_TAG if cfg.external_weights else None)
             program.release()  # the eager model goes: two copies of the weights are never alive
             metadata = family.runner_metadata(src, cfg, backend.static_shapes)
             delegation = write_program(programs, backend, src.plan, metadata, stages, staging.dir, src.tokenizer,
-                                       cfg.soc, program.share_mutable_buffers, program.initialized_buffers)
+                                       cfg.soc, program.share_mutable_buffers, program.initialized_buffers,
+                                       cfg.external_weights)
             manifest = bundle_manifest(cfg, family, src, program, inputs, key, metadata, delegation, stages)
             manifest["target"] = {**backend.bundle_fields(cfg), **program.target}
             manifest["build"]["preflight"] = preflight
-            manifest["memory_plan"] = read_memory_plan(staging.dir / PTE_NAME)  # from the bytes just written
+            manifest["data_file"] = PTD_NAME if cfg.external_weights else None  # the runner's data_path
+            manifest["memory_plan"] = read_memory_plan(  # from the bytes just written
+                staging.dir / PTE_NAME, staging.dir / PTD_NAME if cfg.external_weights else None)
             manifest = staging.commit(manifest)
         return {**manifest, "path": str(staging.out)}
     finally:
@@ -91,6 +94,10 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
     """Content address of a build: its configuration, the bytes of every input file and the
     toolchain. Paths do not count (a moved checkpoint is the same input); contents do."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "no_preflight", *PATH_FIELDS)}
+    config.pop("hf_repo", None)  # where the checkpoint came from: its bytes count (inputs), not its name
+    for k in ("external_weights",):  # added later: left out at its default, so older keys hold
+        if not config.get(k):
+            config.pop(k, None)
     toolchain = {k: v for k, v in versions().items() if k != "python"}
     files = sorted((Path(name).name, entry["sha256"]) for name, entry in inputs.items())
     payload = json.dumps({"config": config, "inputs": files, "toolchain": toolchain}, sort_keys=True)
@@ -102,19 +109,23 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
 
 def write_program(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, stages: Stages, out: Path,
                   tokenizer: TokenizerInfo | None, soc: str | None = None, share_mutable_buffers: bool = False,
-                  initialized_buffers: tuple[str, ...] = ()) -> dict:
+                  initialized_buffers: tuple[str, ...] = (), external_weights: bool = False) -> dict:
     """Lower and serialize `programs` into out/model.pte (the lower and serialize stages), copy the
     tokenizer beside it; returns the delegation report. Takes `programs` over: each stage's input
-    is dropped as soon as the next exists, so two of them are never alive at once."""
+    is dropped as soon as the next exists, so two of them are never alive at once. With
+    `external_weights`, the weights (tagged by export_methods) go to out/model.ptd instead."""
     with stages.stage("lower", backend.name + (f" {soc}" if soc else "")):
         edge = lower(programs, backend, plan, metadata, soc)
     programs.clear()
     with stages.stage("serialize"):
-        program = to_executorch(edge, share_mutable_buffers=share_mutable_buffers, initialized_buffers=initialized_buffers)
+        program = to_executorch(edge, share_mutable_buffers=share_mutable_buffers, initialized_buffers=initialized_buffers,
+                                external_weights=external_weights)
         del edge
         delegation = delegation_report(program)
         with open(out / PTE_NAME, "wb") as f:
             program.write_to_file(f)
+        if external_weights:
+            write_external_weights(program, out)
     del program
     if tokenizer is not None:
         shutil.copyfile(tokenizer.path, out / tokenizer.path.name)
@@ -136,7 +147,8 @@ def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, soc
         raise BuildError(f"lowering to {backend.name} failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def to_executorch(edge, share_mutable_buffers: bool = False, initialized_buffers: tuple[str, ...] = ()):
+def to_executorch(edge, share_mutable_buffers: bool = False, initialized_buffers: tuple[str, ...] = (),
+                  external_weights: bool = False):
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -158,10 +170,34 @@ def to_executorch(edge, share_mutable_buffers: bool = False, initialized_buffers
                 emit_mutable_buffer_names=True,
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
                 passes=[InitializedMutableBufferPass(list(initialized_buffers))] if initialized_buffers else [],
+                # The weights the delegate did not take (embeddings, a non-delegated output layer).
+                external_constants=_external_tag if external_weights else False,
             )
         )
     except Exception as e:
         raise BuildError(f"serializing the program failed: {type(e).__name__}: {_first_line(e)}") from e
+
+
+# ---- external weights ----------------------------------------------------------------------
+# ExecuTorch's named data: a constant tagged "model" (aot.methods.export_methods tags the weights)
+# is written to model.ptd and the program refers to it by key (XNNPACK: the sha256 of its bytes;
+# other constants: their name), so equal weights give equal bytes.
+
+EXTERNAL_TAG = PTD_NAME.removesuffix(".ptd")  # the file is named by the tag
+
+
+def _external_tag(node) -> str | None:
+    return (node.meta.get("custom") or {}).get("delegate_constant_tag")
+
+
+def write_external_weights(program, out: Path) -> None:
+    """out/model.ptd: the named data tagged by aot.methods.tag_weights (a flat_tensor file)."""
+    data = program._tensor_data or {}  # filled by serializing; write_tensor_data_to_file names files by tag
+    if set(data) != {EXTERNAL_TAG}:
+        raise BuildError(f"--external-weights: expected the weights under one tag '{EXTERNAL_TAG}', got "
+                         f"{sorted(data) or 'none'}; build without --external-weights")
+    with open(out / PTD_NAME, "wb") as f:
+        data[EXTERNAL_TAG].write_to_file(f)  # streamed: the weights are never one more copy in memory
 
 
 def _first_line(e: BaseException) -> str:

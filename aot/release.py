@@ -210,7 +210,7 @@ def device_fit(cfg) -> dict:
     before building (aot.preflight.runtime); resolving the model reads its checkpoint's config."""
     fit = {"device_memory_bytes": parse_size(cfg.device_memory)}
     try:
-        src = family_for(cfg).resolve(cfg)
+        src = family_for(cfg).resolve(cfg, fetch=False)  # `aot plan` reads the cache, never the network
         predict = {"args": src.args, "kinds": src.preflight[1], "text_plan": src.preflight[2],
                    "vision_plan": (src.preflight[3:] or (None,))[0], "backend": get_backend(cfg.delegate)}
         est = runtime(replace(cfg, device_memory=None), **predict)

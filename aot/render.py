@@ -59,7 +59,9 @@ def memory_plan(out: Console, p: dict, predicted: dict | None = None) -> None:
     the build made before it started (aot.preflight.runtime)."""
     t = p["total"]
     out.print(f"  memory    {size(t['at_load_bytes'])} at load: planned {size(t['planned_bytes'])}, delegate "
-              f"{size(t['delegate_bytes'])}, constants {size(t['constants_bytes'])} (mmapped); biggest: "
+              f"{size(t['delegate_bytes'])}, constants {size(t['constants_bytes'])} (mmapped)"
+              + (f", external weights {size(t['external_bytes'])} (model.ptd)" if t.get("external_bytes") else "")
+              + "; biggest: "
               f"{t['biggest']['name']} {size(t['biggest']['bytes'])}")
     idle = [name for name, m in p["methods"].items() if not (m["planned_bytes"] or m["delegate_bytes"] or m["constants_bytes"])]
     for name, m in p["methods"].items():
@@ -239,6 +241,13 @@ def doctor(out: Console, report: dict) -> None:
     for name, d in report["delegates"].items():
         mark = "[green]ok[/green]" if d["available"] else "[red]no[/red]"
         out.print(f"  {name:<10} {mark}  {d['reason']}")
+    cache = report.get("hf_cache") or {"path": "-", "checkpoints": []}
+    out.print(f"hf cache:    {cache['path']}")
+    for c in cache["checkpoints"]:
+        state = f"--model {c['model']}" if c["state"] == "complete" else f"incomplete, lacks {', '.join(c['missing'][:2])}"
+        out.print(f"  {c['hf_repo']:<42} {c['revision'][:12]}  {state}")
+    if not cache["checkpoints"]:
+        out.print("  no published Llama 3.2 checkpoint (hf download meta-llama/Llama-3.2-1B-Instruct)")
 
 
 def farm_packages(out: Console, result: dict) -> None:

@@ -18,6 +18,7 @@ from aot.errors import ConfigError, GatesFailed, TargetLocked, TargetsFailed
 # The tables the schema replaced, as they were written by hand: the derived schema must say the same.
 HAND_KEPT_FIELDS = {
     "model": ((str,), "build", "model"), "checkpoint": ((str,), "build", "checkpoint"),
+    "hf_repo": ((str,), "build", "hf_repo"),
     "tokenizer": ((str,), "build", "tokenizer"), "rotation": ((str,), "build", "rotation"),
     "random_weights": ((bool,), "build", "random_weights"), "seed": ((int,), "build", "seed"),
     "delegate": ((str,), "build", "delegate"), "soc": ((str,), "build", "soc"),
@@ -30,6 +31,7 @@ HAND_KEPT_FIELDS = {
     "attention_sink": ((str,), "build", "attention_sink"), "device_memory": ((str,), "build", "device_memory"),
     "bos_id": ((int,), "build", "bos_id"),
     "eos_ids": ((list,), "build", "eos_ids"), "full_logits": ((bool,), "build", "full_logits"),
+    "external_weights": ((bool,), "build", "external_weights"),
     "vision_quant": ((str,), "build", "vision_quant"), "no_preflight": ((bool,), "build", "no_preflight"),
 }
 HAND_KEPT_VALIDATE = {"reference": (str,), "text": (str,), "max_tokens": (int,), "prompt_tokens": (int,),

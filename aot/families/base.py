@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aot import hfcache
+from aot.files import sha256_file
 from aot.methods import Method
 from aot.quant import QuantPlan
 from aot.tokenizer import TokenizerInfo
@@ -69,7 +71,8 @@ class Family:
         """Flags this family does not take (checked with the rest of the configuration)."""
         return []
 
-    def resolve(self, cfg: BuildConfig) -> Source:
+    def resolve(self, cfg: BuildConfig, fetch: bool = True) -> Source:
+        """`fetch`: download an --hf-repo the Hugging Face cache lacks (False: only look there)."""
         raise NotImplementedError
 
     def load(self, src: Source, cfg: BuildConfig, backend, stages):
@@ -95,6 +98,41 @@ class Family:
                 "random_weights": cfg.random_weights, "seed": cfg.seed if cfg.random_weights else None}
 
     @staticmethod
+    def checkpoint_record(path: Path, layout: str, snapshot: hfcache.Snapshot | None) -> dict:
+        """Where the weights were read: the folder, and the Hugging Face repo and commit it is."""
+        origin = snapshot.record() if snapshot else {"source": "local", "hf_repo": None, "revision": None}
+        return {"path": str(path.absolute()), "layout": layout, **origin}
+
+    @staticmethod
     def tokenizer_record(src: Source) -> dict | None:
         t = src.tokenizer
         return None if t is None else {"file": t.path.name, "kind": t.kind, "vocab_size": t.vocab_size}
+
+
+def checkpoint_dir(cfg: BuildConfig, fetch: bool = True) -> tuple[Path | None, hfcache.Snapshot | None]:
+    """The folder a build reads its weights from, and the Hugging Face snapshot it is (--hf-repo,
+    or --model's published repo in the cache); (None, None) for random weights."""
+    if cfg.checkpoint is not None:
+        return Path(cfg.checkpoint).expanduser(), None
+    if cfg.random_weights:
+        return None, None
+    snapshot = hfcache.locate(cfg.model, cfg.hf_repo, fetch)
+    return snapshot.path, snapshot
+
+
+LICENSE_NAME = "Llama 3.2 Community License"
+
+
+def license_record(path: Path | None) -> dict | None:
+    """bundle.json's "license": the licence files a checkpoint folder ships (Meta's and the
+    Hugging Face repos': LICENSE / LICENSE.txt and USE_POLICY.md) by sha256, and the licence's
+    name when LICENSE says it is Llama 3.2's. None without such files."""
+    if path is None or not Path(path).is_dir():
+        return None
+    files = sorted(p for p in Path(path).iterdir()
+                   if p.is_file() and (p.name.upper().startswith("LICENSE") or p.name.upper().startswith("USE_POLICY")))
+    if not files:
+        return None
+    texts = [p.read_text(errors="replace") for p in files if p.name.upper().startswith("LICENSE")]
+    name = LICENSE_NAME if any(LICENSE_NAME.lower() in t.lower() for t in texts) else None
+    return {"name": name, "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}

@@ -13,7 +13,7 @@ import torch
 from torch.export import Dim
 
 from aot.errors import CheckpointError, ConfigError
-from aot.families.base import Family, Program, Source
+from aot.families.base import Family, Program, Source, checkpoint_dir, license_record
 from aot.families.common import (
     LLAMA3_VOCAB,
     KVCacheSpec,
@@ -39,6 +39,7 @@ from aot.tokenizer import find_tokenizer, tokenizer_info
 
 if TYPE_CHECKING:
     from aot.config import BuildConfig
+    from aot.hfcache import Snapshot
 
 # Load and quantize part by part (False: the whole fp32 model first, then quantize; the same bytes).
 STREAMED_LOAD = True
@@ -49,6 +50,7 @@ class TextSource(Source):
     checkpoint: Checkpoint | None = None
     rotations: Rotations | None = None  # spinquant: R1/R2 to fuse before quantizing
     rotation_file: Path | None = None  # --rotation R.bin, an input
+    snapshot: Snapshot | None = None  # the Hugging Face snapshot the checkpoint is (--hf-repo, --model)
 
     def files(self) -> list[Path]:
         files = list(self.checkpoint.files()) if self.checkpoint else []
@@ -75,13 +77,14 @@ class TextFamily(Family):
 
     # ---- resolve ----------------------------------------------------------------------------
 
-    def resolve(self, cfg: BuildConfig) -> TextSource:
+    def resolve(self, cfg: BuildConfig, fetch: bool = True) -> TextSource:
         plan = cfg.quant.plan()
-        ckpt = open_checkpoint(cfg.checkpoint) if cfg.checkpoint is not None else None
+        path, snapshot = checkpoint_dir(cfg, fetch)
+        ckpt = open_checkpoint(path) if path is not None else None
         if ckpt is not None:
             args = ckpt.args
             if cfg.model is not None:
-                _check_model_matches(cfg.model, args, ckpt.path)
+                _check_model_matches(cfg.model, args, snapshot.repo_id if snapshot else f"--checkpoint {ckpt.path}")
         else:
             args = MODELS[cfg.model]
         name = next((n for n, a in MODELS.items() if _arch_diff(a, args) == []), "custom")
@@ -106,10 +109,10 @@ class TextFamily(Family):
                 rotations = load_rotations(cfg.rotation, args) if cfg.rotation else random_rotations(args, cfg.seed)
         if errors:
             raise ConfigError("; ".join(errors))
-        label = f"--model {name}" if ckpt is None else f"--checkpoint {ckpt.path}"
+        label = f"--model {name}" if ckpt is None else snapshot.repo_id if snapshot else f"--checkpoint {ckpt.path}"
         rotation_file = cfg.rotation.expanduser().absolute() if cfg.rotation is not None else None
         return TextSource(args, name, tok, bos, eos, plan, (label, args.params_by_kind(), plan), ckpt, rotations,
-                          rotation_file)
+                          rotation_file, snapshot)
 
     # ---- load -------------------------------------------------------------------------------
 
@@ -157,7 +160,8 @@ class TextFamily(Family):
         ckpt = src.checkpoint
         return {
             "model": self.model_record(src, cfg, src.args.num_params()),
-            "checkpoint": None if ckpt is None else {"path": str(ckpt.path.absolute()), "layout": ckpt.layout},
+            "checkpoint": None if ckpt is None else self.checkpoint_record(ckpt.path, ckpt.layout, src.snapshot),
+            "license": license_record(ckpt.path if ckpt else None),
             "tokenizer": self.tokenizer_record(src),
             "quant": {**cfg.quant.to_dict(), "plan": src.plan.to_dict(), "rotation": _rotation_record(src),
                       "prequantized": None if ckpt is None or ckpt.prequantized is None else ckpt.prequantized.to_dict()},
@@ -303,11 +307,10 @@ def _arch_diff(want: ModelArgs, got: ModelArgs) -> list[str]:
     return [f"{f} {getattr(want, f)} vs {getattr(got, f)}" for f in _ARCH_FIELDS if getattr(want, f) != getattr(got, f)]
 
 
-def _check_model_matches(model: str, args: ModelArgs, path: Path) -> None:
+def _check_model_matches(model: str, args: ModelArgs, source: str) -> None:
+    """`source`: the checkpoint as the user named it (--checkpoint DIR, --hf-repo ID)."""
     diff = _arch_diff(MODELS[model], args)
     if diff:
         match = next((n for n, a in MODELS.items() if not _arch_diff(a, args)), None)
         hint = f"use --model {match}" if match else "drop --model to take the checkpoint's own config"
-        raise ConfigError(
-            f"--model {model} does not match --checkpoint {path} ({', '.join(diff[:3])}); {hint}"
-        )
+        raise ConfigError(f"--model {model} does not match {source} ({', '.join(diff[:3])}); {hint}")

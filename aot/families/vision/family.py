@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from aot import hfcache
 from aot.errors import CheckpointError, ConfigError
-from aot.families.base import Family, Program, Source
+from aot.families.base import Family, Program, Source, checkpoint_dir, license_record
 from aot.families.common import LLAMA3_VOCAB, kv_cache_record, random_init_, special_ids, stream_parts, zero_ring_caches
 from aot.families.vision.checkpoint import MllamaReader, args_from_hf_config, is_mllama_checkpoint, load_hf
 from aot.families.vision.image import ImageSpec
@@ -41,6 +42,7 @@ class VisionSource(Source):
     checkpoint: Path | None = None
     image: dict | None = None  # ImageSpec as a dict
     vision_plan: QuantPlan | None = None
+    snapshot: hfcache.Snapshot | None = None  # the Hugging Face snapshot the checkpoint is (--hf-repo, --model)
 
     def files(self) -> list[Path]:
         out = []
@@ -65,7 +67,7 @@ class VisionFamily(Family):
     models = VISION_MODELS
 
     def claims(self, cfg: BuildConfig) -> bool:
-        return cfg.model in VISION_MODELS or is_mllama_checkpoint(cfg.checkpoint)
+        return cfg.model in VISION_MODELS or is_mllama_checkpoint(cfg.checkpoint) or _vision_repo(cfg.hf_repo)
 
     def config_errors(self, cfg: BuildConfig) -> list[str]:
         errors = []
@@ -73,7 +75,7 @@ class VisionFamily(Family):
             errors.append(f"unknown --vision-quant '{cfg.vision_quant}'; choose one of: {', '.join(VISION_SCHEMES)}")
         return errors
 
-    def resolve(self, cfg: BuildConfig) -> VisionSource:
+    def resolve(self, cfg: BuildConfig, fetch: bool = True) -> VisionSource:
         errors = []
         if cfg.delegate != "xnnpack":
             errors.append(f"vision models build for --delegate xnnpack only (not {cfg.delegate}); drop --delegate")
@@ -83,14 +85,15 @@ class VisionFamily(Family):
             errors.append("--full-logits applies to text models; the vision text_decoder returns the last position's logits")
         if errors:
             raise ConfigError("; ".join(errors))
-        ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint is not None else None
+        ckpt, snapshot = checkpoint_dir(cfg, fetch)
         if ckpt is not None:
             if not ckpt.is_dir():
                 raise CheckpointError(f"--checkpoint {ckpt}: not a directory")
             args = args_from_hf_config(ckpt / "config.json")
             name = next((n for n, a in VISION_MODELS.items() if a == args), "custom")
             if cfg.model is not None and cfg.model != name:
-                raise ConfigError(f"--model {cfg.model} does not match --checkpoint {ckpt} (its config.json is "
+                source = snapshot.repo_id if snapshot else f"--checkpoint {ckpt}"
+                raise ConfigError(f"--model {cfg.model} does not match {source} (its config.json is "
                                   f"{'a ' + name if name != 'custom' else 'a custom size'}); drop --model")
         else:
             args, name = VISION_MODELS[cfg.model], cfg.model
@@ -119,7 +122,7 @@ class VisionFamily(Family):
         if errors:
             raise ConfigError("; ".join(errors))
         preflight = (f"--model {name}", params_by_kind(args), text_plan, vision_plan)
-        return VisionSource(args, name, tok, bos, eos, text_plan, preflight, ckpt, spec.to_dict(), vision_plan)
+        return VisionSource(args, name, tok, bos, eos, text_plan, preflight, ckpt, spec.to_dict(), vision_plan, snapshot)
 
     def load(self, src: VisionSource, cfg: BuildConfig, backend, stages) -> Mllama:
         source = "random weights" if cfg.random_weights else "hf"
@@ -138,7 +141,8 @@ class VisionFamily(Family):
     def manifest(self, src: VisionSource, cfg: BuildConfig, program: Program) -> dict:
         return {
             "model": self.model_record(src, cfg, num_params(src.args)),
-            "checkpoint": None if src.checkpoint is None else {"path": str(src.checkpoint.absolute()), "layout": "hf"},
+            "checkpoint": None if src.checkpoint is None else self.checkpoint_record(src.checkpoint, "hf", src.snapshot),
+            "license": license_record(src.checkpoint),
             "tokenizer": self.tokenizer_record(src),
             "quant": {**cfg.quant.to_dict(), "plan": src.plan.to_dict(),
                       "vision": {"scheme": src.vision_plan.scheme, "plan": src.vision_plan.to_dict()}},
@@ -152,6 +156,17 @@ class VisionFamily(Family):
 
     def reference(self, checkpoint: Path, max_context_len: int, **kw) -> Mllama:
         return load_hf(checkpoint, max_context_len)
+
+
+def _vision_repo(hf_repo: str | None) -> bool:
+    """Whether --hf-repo names a vision checkpoint: its cached config.json says so, or (not cached
+    yet) its name does, as Meta's vision repos' names all do."""
+    if hf_repo is None:
+        return False
+    path = hfcache.cached_path(hf_repo)
+    if path is not None and (path / "config.json").is_file():
+        return is_mllama_checkpoint(path)
+    return "vision" in hf_repo.partition("@")[0].lower()
 
 
 def _tokenizer_errors(tok: TokenizerInfo, args) -> list[str]:
