@@ -200,9 +200,19 @@ def release(manifest: Manifest, jobs: int = 1, rebuild: bool = False, quiet: boo
         "manifest": {"path": str(manifest.path), "sha256": manifest.sha256},
         "versions": versions(),
         "targets": entries,
+        "storage": storage(entries),
     }
     write_atomically(manifest.root / RELEASE_JSON, json.dumps(index, indent=2) + "\n")
     return {**index, "path": str(manifest.root / RELEASE_JSON)}
+
+
+def storage(entries: list[dict]) -> dict:
+    """What the release's files weigh in all, and stored by content (each sha256 once, as `aot
+    publish` stores them): targets with external weights of one model and recipe share a .ptd."""
+    files = [f for e in entries for f in e["files"].values()]
+    unique = {f["sha256"]: f["bytes"] for f in files}
+    return {"files": len(files), "bytes": sum(f["bytes"] for f in files),
+            "unique_files": len(unique), "unique_bytes": sum(unique.values())}
 
 
 def device_fit(cfg) -> dict:

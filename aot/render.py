@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from aot.bundle import PTE_NAME
 from aot.memplan import size
@@ -108,6 +109,10 @@ def release(out: Console, index: dict) -> None:
         gates = "no gates" if v is None else ("gates pass" if v["ok"] else "GATES FAIL")
         out.print(f"  {t['name']:<36} {t['build']['status']:<8} "
                   f"{t['files'][PTE_NAME]['bytes'] / 2**20:9.2f} MiB  {gates}")
+    s = index.get("storage")
+    if s and s["unique_bytes"] < s["bytes"]:
+        out.print(f"  stored by content: {s['unique_bytes'] / 2**20:.2f} MiB of {s['bytes'] / 2**20:.2f} MiB "
+                  f"({s['files'] - s['unique_files']} files shared between targets)")
 
 
 def text_chunk(text: str) -> None:
@@ -284,3 +289,37 @@ def serve_stopped(err: Console, counts: dict) -> None:
     """`aot serve`, once stopped: what it answered."""
     err.print(f"[dim]aot serve: stopped; {counts['done']} generations, {counts['cancelled']} cancelled, "
               f"{counts['failed']} failed[/dim]")
+
+
+def signed(out: Console, signature: str) -> None:
+    """`aot release --sign`: where the signature went."""
+    out.print(f"  signed: {escape(signature)}")
+
+
+def published(out: Console, r: dict) -> None:
+    """`aot publish`: the index written, what was uploaded and what the store had already."""
+    b = r["blobs"]
+    out.print(f"[bold]{escape(r['index']['path'])}[/bold]  sha256 {r['index']['sha256'][:16]}"
+              + ("  [green]signed[/green]" if r["signature"] else ""))
+    for t in r["targets"]:
+        out.print(f"  {escape(t['name']):<36} {t['files']} files, {t['uploaded']} new")
+    out.print(f"  uploaded {b['uploaded']} blobs ({size(b['uploaded_bytes'])}), {b['skipped']} already there "
+              f"({size(b['skipped_bytes'])}) in {r['seconds']:.1f} s")
+
+
+def pulled(out: Console, r: dict) -> None:
+    """`aot pull`: which target and why, where it lies, what came over the wire."""
+    out.print(f"[bold]{escape(r['target'])}[/bold] from {escape(r['index'])}"
+              + ("  [green]signature ok[/green]" if r["verified"] else "") + "  [green]sha256 ok[/green]")
+    sel = r.get("selection")
+    if sel:
+        out.print(f"  chosen    {escape(sel['why'])}")
+        for rej in sel["rejected"]:
+            out.print(f"  not       {escape(rej['name'])}: {escape(rej['reason'])}")
+    for f in r["files"]:
+        how = "cached" if f["cached"] else (f"resumed at {size(f['resumed_at'])}" if f["resumed_at"] else "fetched")
+        out.print(f"  {escape(f['name']):<16} {size(f['size']):>10}  {f['role']:<9} {how}")
+    out.print(f"  fetched {size(r['fetched_bytes'])} of {size(r['bytes'])} in {r['seconds']:.1f} s; "
+              f"snapshot {escape(r['snapshot'])}")
+    if r["out"]:
+        out.print(f"  bundle    {escape(r['out'])}")

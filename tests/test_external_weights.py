@@ -105,3 +105,12 @@ def test_a_missing_or_altered_data_file_is_refused(release_bundles, tmp_path):
     (copy / "model.ptd").unlink()
     result = run_cli("run", copy, "--prompt", "hi")
     assert result.exit_code == 7 and "model.ptd: missing from the bundle" in result.stderr
+
+
+def test_the_release_counts_the_shared_weights_once(release_bundles):
+    index = release_bundles["index"]
+    short, long = (t["files"] for t in index["targets"])
+    shared = [name for name in short if short[name] == long[name]]
+    assert sorted(shared) == ["model.ptd", "tokenizer.json"]  # the weights and the tokenizer, not the programs
+    s = index["storage"]
+    assert s["files"] == s["unique_files"] + 2 and s["unique_bytes"] == s["bytes"] - sum(short[n]["bytes"] for n in shared)
