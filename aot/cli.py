@@ -153,16 +153,26 @@ def release(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output root [build/<manifest name>]."),
     jobs: int = typer.Option(1, "--jobs", help="Targets built at once."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build even targets that are up to date."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Also sign release.json with this EC private key "
+                                        "(PEM; model-signing, offline): release.json.sig beside it."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
     """Build (or skip) every target, validate those with gates, write release.json."""
     with _command(as_json, debug):
+        from aot.dist.sign import check_private_key, sign_file
         from aot.manifest import load_manifest
         from aot.release import release as run_release
 
+        key = check_private_key(sign) if sign is not None else None  # a bad key fails before the builds
         index = run_release(load_manifest(manifest, out_dir), jobs=jobs, rebuild=rebuild, quiet=as_json)
-        _json({"ok": True, **index}) if as_json else render.release(out, index)
+        if key is not None:
+            index["signature"] = str(sign_file(Path(index["path"]), key, Path(index["path"] + ".sig")))
+        if as_json:
+            return _json({"ok": True, **index})
+        render.release(out, index)
+        if key is not None:
+            render.signed(out, index["signature"])
 
 
 @app.command()
@@ -183,6 +193,54 @@ def plan(
 
         print(make_plan(load_manifest(manifest, out_dir), fmt, str(manifest), str(out_dir) if out_dir else None,
                         tuple(device), device_runner))
+
+
+@app.command()
+def publish(
+    release_root: Path = typer.Argument(..., help="The --out root of `aot release` (holds release.json)."),
+    to: str = typer.Option(..., "--to", help="A directory (which a static HTTP host can serve) or s3://BUCKET/PREFIX "
+                           "(endpoint: $AWS_ENDPOINT_URL)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the index with this EC private key (PEM; "
+                                        "model-signing, offline)."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Publish a release: each bundle file as a content-addressed blob (only those the store lacks),
+    then the signature, then index.json last, so readers never see half a release."""
+    with _command(as_json, debug, torch=False, interrupted="the store's index.json is as it was (blobs already "
+                  "uploaded stay; a re-publish skips them)"):
+        from aot.dist.publish import publish as run_publish
+
+        result = run_publish(release_root, to, sign, quiet=as_json)
+        _json({"ok": True, **result}) if as_json else render.published(out, result)
+
+
+@app.command()
+def pull(
+    index: str = typer.Argument(..., help="https://.../index.json, s3://BUCKET/PREFIX (or .../index.json), or a "
+                                "local path (a directory: its index.json); plain http:// for loopback or --verify-key."),
+    target: Optional[str] = typer.Option(None, "--target", help="The target to pull, by name."),
+    device: Optional[str] = typer.Option(None, "--device", help="Or the best target for a phone: soc=SM8650,ram=8GiB,"
+                                         "abi=arm64-v8a (ram: the memory the app may use, as --device-memory)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Also a bundle directory of links into the cache."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder [$AOT_CACHE, $XDG_CACHE_HOME/aot, "
+                                         "~/.cache/aot]."),
+    verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="Refuse the index unless this EC public "
+                                              "key (PEM) signed it."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+):
+    """Fetch a published target into the shared cache (resumed, retried, every blob's sha256
+    checked) and lay it out as a bundle. Retries: $AOT_TRANSFER_ATTEMPTS, $AOT_TRANSFER_WAIT,
+    $AOT_TRANSFER_TIMEOUT."""
+    with _command(as_json, debug, torch=False, interrupted="no blob or bundle was written; the partial download "
+                  "is kept and the same pull resumes it"):
+        from aot.dist.pull import pull as run_pull
+
+        result = run_pull(index, target=target, device=device, out=out_dir, cache=cache, verify_key=verify_key,
+                          force=force, quiet=as_json)
+        _json({"ok": True, **result}) if as_json else render.pulled(out, result)
 
 
 @app.command()

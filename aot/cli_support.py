@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from contextlib import contextmanager
 
 import typer
@@ -54,9 +55,14 @@ RUN, BENCH = _Defaults("aot.generate:RunConfig"), _Defaults("aot.generate:BenchC
 
 
 @contextmanager
-def _command(as_json: bool, debug: bool):
-    """Run a command body: AotError -> one line + its exit code; Ctrl-C -> 130."""
-    quiet_libraries(debug)
+def _command(as_json: bool, debug: bool, torch: bool = True, interrupted: str = "nothing was written"):
+    """Run a command body: AotError -> one line + its exit code; Ctrl-C -> 130, saying `interrupted`.
+    `torch`: the command loads torch (its loggers are quieted after the import); publish and pull do
+    not, and start in a fraction of a second."""
+    if torch:
+        quiet_libraries(debug)
+    elif not debug:
+        warnings.filterwarnings("ignore")
     try:
         yield
     except AotError as e:
@@ -67,7 +73,7 @@ def _command(as_json: bool, debug: bool):
         err.print(f"[red]aot: error:[/red] {escape(str(e))}", soft_wrap=True)  # messages hold [brackets]
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("aot: interrupted; nothing was written")
+        err.print(f"aot: interrupted; {interrupted}")
         raise typer.Exit(EXIT_INTERRUPTED)
 
 

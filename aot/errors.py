@@ -93,6 +93,58 @@ class ImageError(AotError):
     kind = "image"
 
 
+# ---- distribution (aot publish, aot pull) ------------------------------------------------------
+
+
+class NotFound(AotError):
+    """An index, signature or blob is not at the source (HTTP 404, no such S3 key, no such file)."""
+
+    exit_code = 15
+    kind = "not-found"
+
+
+class TransferFailed(AotError):
+    """A transfer kept failing (connection refused or cut, timeout, HTTP 5xx) after its retries."""
+
+    exit_code = 16
+    kind = "transfer"
+
+
+class IntegrityError(AotError):
+    """A downloaded file's size or sha256 is not what the index says."""
+
+    exit_code = 17
+    kind = "integrity"
+
+
+class SignatureError(AotError):
+    """--verify-key: the index is unsigned, its signature is invalid, or another key signed it."""
+
+    exit_code = 18
+    kind = "signature"
+
+
+class NoTargetFits(AotError):
+    """--device: no target in the index runs on that device within its memory."""
+
+    exit_code = 19
+    kind = "no-fit"
+
+
+class IndexInvalid(AotError):
+    """An index is not an aot-index, is malformed, or names unsafe paths or digests."""
+
+    exit_code = 20
+    kind = "index"
+
+
+class DiskFull(AotError):
+    """The disk filled up while writing a download (the partial file is removed)."""
+
+    exit_code = 21
+    kind = "disk-full"
+
+
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -111,6 +163,13 @@ EXIT_CODES = {
     DeviceError.exit_code: "device unreachable, refused the login, timed out or lacks the runtime",
     ResourcesShort.exit_code: "build preflight: not enough memory or disk for this model (--no-preflight overrides)",
     ImageError.exit_code: "image file missing, empty, corrupt, not an image, or too large",
+    NotFound.exit_code: "pull: the index, its signature or a blob is not at the source (404, no such key or file)",
+    TransferFailed.exit_code: "publish/pull: a transfer kept failing (connection, timeout, 5xx) after its retries; rerun to resume",
+    IntegrityError.exit_code: "pull: a download's size or sha256 is not the index's (nothing kept)",
+    SignatureError.exit_code: "pull --verify-key: the index is unsigned, tampered with, or signed by another key",
+    NoTargetFits.exit_code: "pull --device: no target runs on that device within its memory",
+    IndexInvalid.exit_code: "pull: the index is malformed or unsafe (paths, digests, sizes)",
+    DiskFull.exit_code: "pull: the disk filled up while writing (the partial file was removed)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }
 

@@ -298,13 +298,12 @@ def signed(out: Console, signature: str) -> None:
 
 def published(out: Console, r: dict) -> None:
     """`aot publish`: the index written, what was uploaded and what the store had already."""
-    b = r["blobs"]
     out.print(f"[bold]{escape(r['index']['path'])}[/bold]  sha256 {r['index']['sha256'][:16]}"
               + ("  [green]signed[/green]" if r["signature"] else ""))
     for t in r["targets"]:
         out.print(f"  {escape(t['name']):<36} {t['files']} files, {t['uploaded']} new")
-    out.print(f"  uploaded {b['uploaded']} blobs ({size(b['uploaded_bytes'])}), {b['skipped']} already there "
-              f"({size(b['skipped_bytes'])}) in {r['seconds']:.1f} s")
+    out.print(f"  uploaded {r['uploaded']} blobs ({size(r['uploaded_bytes'])}), {r['skipped']} already there "
+              f"({size(r['skipped_bytes'])}) in {r['seconds']:.1f} s")
 
 
 def pulled(out: Console, r: dict) -> None:

@@ -175,3 +175,45 @@ targets:
         return {"root": str(d / "root"), "index": json.loads((d / "root" / "release.json").read_text())}
 
     return _once(tmp_path_factory, "release_bundles", make)
+
+
+# ---- distribution servers (tests/dist_servers.py): real ones on 127.0.0.1 --------------------
+
+
+@pytest.fixture(scope="session")
+def nginx_server(tmp_path_factory) -> dict:
+    """nginx serving a fresh folder: {"root": Path, "port": int}. Tests publish into subfolders."""
+    import dist_servers
+
+    if dist_servers.NGINX is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light; .ci/run installs it)")
+    base = tmp_path_factory.mktemp("nginx")
+    (base / "www").mkdir()
+    proc, port = dist_servers.start_nginx(base / "www", base / "work")
+    yield {"root": base / "www", "port": port}
+    dist_servers.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory) -> dict:
+    """moto's standalone S3 server with one bucket: {"endpoint": URL, "bucket": name}."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    import boto3
+    import dist_servers
+
+    proc, port = dist_servers.start_moto(tmp_path_factory.mktemp("moto"))
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="aot-releases")
+    yield {"endpoint": endpoint, "bucket": "aot-releases"}
+    dist_servers.stop(proc)
+
+
+@pytest.fixture
+def s3_env(moto_server, monkeypatch) -> dict:
+    """boto3's standard variables pointed at the moto server, for one test."""
+    for k, v in {"AWS_ENDPOINT_URL": moto_server["endpoint"], "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_server
