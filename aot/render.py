@@ -246,7 +246,9 @@ def doctor(out: Console, report: dict) -> None:
     for name, d in report["delegates"].items():
         mark = "[green]ok[/green]" if d["available"] else "[red]no[/red]"
         out.print(f"  {name:<10} {mark}  {d['reason']}")
-    cache = report.get("hf_cache") or {"path": "-", "checkpoints": []}
+    cache = report.get("hf_cache")
+    if cache is None:
+        return
     out.print(f"hf cache:    {cache['path']}")
     for c in cache["checkpoints"]:
         state = f"--model {c['model']}" if c["state"] == "complete" else f"incomplete, lacks {', '.join(c['missing'][:2])}"

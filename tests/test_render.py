@@ -52,3 +52,7 @@ def test_doctor():
     assert printed(render.doctor, report).splitlines() == [
         "aot          0.1.0", "cpu          x (2 cores, x86_64)", "features     -", "memory       8 GiB",
         "delegates:", "  qnn        no  no SDK"]
+    report["hf_cache"] = {"path": "/c", "checkpoints": [
+        {"hf_repo": "meta-llama/Llama-3.2-1B-Instruct", "revision": "a" * 40, "state": "complete", "model": "1b"}]}
+    assert printed(render.doctor, report).splitlines()[-2:] == [
+        "hf cache:    /c", "  meta-llama/Llama-3.2-1B-Instruct           aaaaaaaaaaaa  --model 1b"]
