@@ -23,7 +23,7 @@ install: $(STAMP)
 # (further builds re-checking a memory optimization's bytes, vision int4/int8 and two NPU
 # recipes; pyproject.toml's markers), which test-all adds.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not heavy"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not heavy" --durations=30
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
