@@ -5,7 +5,9 @@ single-file bundles, and with --external-weights. Each release is published (`ao
 addressed) into a fresh directory store; then one target changes (the 128K target's KV cache becomes
 int8), `aot release` rebuilds only it, and the re-publish counts what it uploads.
 
-    .venv/bin/python bench/release_store.py            # about 5 builds of the demo model
+    .venv/bin/python bench/release_store.py            # 6 builds of the demo model
+    .venv/bin/python bench/release_store.py --model 1b --kinds external --out bench/results/release_store_1b.json
+                                                       # the real 1B architecture, random weights (seed 0)
 
 Writes --out (JSON; default bench/results/release_store.json) and the table beside it (.md).
 """
@@ -24,7 +26,7 @@ AOT = str(ROOT / ".venv" / "bin" / "aot")
 
 MANIFEST = """version: 1
 defaults:
-  model: demo
+  model: {model}
   quant: 8da4w
   max_seq_len: 64
   external_weights: {external}
@@ -49,21 +51,24 @@ def store_bytes(store: Path) -> tuple[int, int]:
     return len(blobs), sum(p.stat().st_size for p in blobs)
 
 
-def run(work: Path, external: bool) -> dict:
+def run(work: Path, external: bool, model: str) -> dict:
     kind = "external" if external else "single"
     manifest, root, store = work / f"{kind}.yaml", work / kind, work / f"{kind}-store"
-    manifest.write_text(MANIFEST.format(external=str(external).lower(), extra=""))
+    text = MANIFEST.format(model=model, external=str(external).lower(), extra="")
+    if model != "demo":  # the real architecture with random weights: the same seed, the same weights
+        text = text.replace("  quant: 8da4w", "  quant: 8da4w\n  random_weights: true")
+    manifest.write_text(text)
     release = aot("release", "--manifest", str(manifest), "--out", str(root))
     first = aot("publish", str(root), "--to", str(store))
     blobs, stored = store_bytes(store)
     # one target changes: the 128K target's cache becomes int8; only it rebuilds
-    manifest.write_text(MANIFEST.format(external=str(external).lower(), extra="").replace(
-        "    max_context_len: 131072", "    max_context_len: 131072\n    kv_cache: int8"))
+    manifest.write_text(text.replace("    max_context_len: 131072", "    max_context_len: 131072\n    kv_cache: int8"))
     again = aot("release", "--manifest", str(manifest), "--out", str(root))
     second = aot("publish", str(root), "--to", str(store))
     files = {t["name"]: {n: f["bytes"] for n, f in t["files"].items()} for t in release["targets"]}
     return {
         "kind": kind,
+        "model": model,
         "release_s": release["wall_s"],
         "files": files,
         "release_bytes": release["storage"]["bytes"],
@@ -91,14 +96,18 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench-release-store")
+    ap.add_argument("--work", type=Path, default=None, help="[build/bench-release-store-MODEL]")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "release_store.json")
+    ap.add_argument("--model", default="demo", help="demo (its weights), or 1b/3b (random weights) [demo]")
+    ap.add_argument("--kinds", default="single,external", help="which releases: single, external [both]")
     args = ap.parse_args()
     import shutil
 
+    args.work = args.work or ROOT / "build" / f"bench-release-store-{args.model}"
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    results = [run(args.work, external) for external in (False, True)]
+    kinds = args.kinds.split(",")
+    results = [run(args.work, kind == "external", args.model) for kind in ("single", "external") if kind in kinds]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(results))
