@@ -75,6 +75,20 @@ def test_two_contexts_and_cache_types_share_one_data_file(release_bundles):
     assert total["external_bytes"] == ptd and total["at_load_bytes"] >= ptd
 
 
+def test_the_tied_embedding_and_output_are_stored_once(release_bundles):
+    """The test model ties its embedding and output: 8-bit per-channel both, the same int8 bytes
+    and scales, which the single-file .pte holds twice (the embedding as a constant, the output in
+    XNNPACK's blob) and the .ptd once (two keys, one segment)."""
+    from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
+
+    ptd = _deserialize_to_flat_tensor((Path(release_bundles["root"]) / "short" / "model.ptd").read_bytes())
+    by_segment: dict[int, list[str]] = {}
+    for entry in ptd.named_data:
+        by_segment.setdefault(entry.segment_index, []).append(entry.key)
+    shared = [keys for keys in by_segment.values() if len(keys) > 1]
+    assert any(k.startswith("tok_embeddings.") for keys in shared for k in keys)
+
+
 def test_an_external_weights_bundle_runs_as_the_single_file_one(release_bundles, bundle_8da4w):
     """`short` is bundle_8da4w's recipe and lengths with the weights outside: same logits, same text
     from ExecuTorch's TextLLMRunner (aot run's stock engine), which is given the .ptd as data_path."""
