@@ -21,6 +21,19 @@ PTE_NAME = "model.pte"
 PTD_NAME = "model.ptd"  # external weights (--external-weights): ExecuTorch named data beside the program
 
 
+def check_out(out: Path, force: bool) -> None:
+    """--out's rule (aot build, aot pull): an existing path is replaced only with `force`, and only
+    when it is an empty folder or a bundle (never a folder of someone's other files)."""
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError(f"--out {out} exists; pass --force to replace it, or choose another --out")
+        replaceable = out.is_dir() and not out.is_symlink()
+        if not (replaceable and (not any(out.iterdir()) or (out / BUNDLE_JSON).is_file())):
+            raise OutputError(
+                f"--out {out} exists and is not an aot bundle; refusing to replace it even with --force"
+            )
+
+
 class Staging:
     """`with Staging(out, force) as s:` write into `s.dir`, then `s.commit(manifest)`.
 
@@ -35,14 +48,7 @@ class Staging:
 
     def __enter__(self) -> "Staging":
         out = self.out
-        if out.exists() or out.is_symlink():
-            if not self.force:
-                raise OutputError(f"--out {out} exists; pass --force to replace it, or choose another --out")
-            replaceable = out.is_dir() and not out.is_symlink()
-            if not (replaceable and (not any(out.iterdir()) or (out / BUNDLE_JSON).is_file())):
-                raise OutputError(
-                    f"--out {out} exists and is not an aot bundle; refusing to replace it even with --force"
-                )
+        check_out(out, self.force)
         parent = out.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)

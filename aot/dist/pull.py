@@ -9,7 +9,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from aot.bundle import BUNDLE_JSON
+from aot.bundle import check_out
 from aot.dist.cache import SNAPSHOT_DIGITS, Cache, cache_root, place_links
 from aot.dist.check import parse_index
 from aot.dist.fit import choose, parse_device
@@ -83,15 +83,10 @@ def pull(index: str, target: str | None = None, device: str | None = None, out: 
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """`aot build`'s rule for --out: an existing folder is replaced only with --force, and only
-    when it is empty or a bundle (never a folder of someone's other files)."""
-    if not (out.exists() or out.is_symlink()):
+    """`aot build`'s rule for --out (aot.bundle.check_out), and a folder to write it in."""
+    check_out(out, force)
+    if not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"--out {out}: cannot write in {out.parent} ({e.strerror}); choose a writable --out") from None
-        return
-    if not force:
-        raise OutputError(f"--out {out} exists; pass --force to replace it, or choose another --out")
-    if not (out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / BUNDLE_JSON).exists())):
-        raise OutputError(f"--out {out} exists and is not an aot bundle; refusing to replace it even with --force")
