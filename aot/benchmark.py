@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aot.bundle import PTE_NAME, open_bundle
+from aot.bundle import open_bundle
 from aot.errors import ConfigError
 from aot.runner.engines import PythonEngine
 from aot.speed import measure_depths, measure_speed
@@ -15,7 +15,7 @@ from aot.texts import text_file
 
 
 def bench_bundle(path: Path, prompt_tokens: int | None, decode_tokens: int | None, repeats: int,
-                 text: Path | None, depths: tuple[int, ...] = ()) -> dict:
+                 text: Path | None, depths: tuple[int, ...] = (), adapter: str | None = None) -> dict:
     """Lengths None: the defaults, shrunk to fit the bundle's context (aot.speed)."""
     for flag, value in (("-p", prompt_tokens), ("-n", decode_tokens), ("-r", repeats)):
         if value is not None and value < 1:
@@ -24,7 +24,7 @@ def bench_bundle(path: Path, prompt_tokens: int | None, decode_tokens: int | Non
         raise ConfigError(f"--depth must be >= 0, but got {','.join(map(str, depths))}")
     if depths and prompt_tokens is not None:
         raise ConfigError("-p and --depth: with --depth each prompt is D tokens long; drop -p")
-    bundle = open_bundle(path)
+    bundle = open_bundle(path).with_adapter(adapter)
     source = text_file(text).read_text(errors="replace")
     if depths:
         speed = measure_depths(bundle, source, depths, decode_tokens, repeats)
@@ -41,7 +41,8 @@ def bench_bundle(path: Path, prompt_tokens: int | None, decode_tokens: int | Non
         "bundle": str(bundle.root),
         "model": m["model"]["name"],
         "params": m["model"]["num_params"],
-        "pte_bytes": m["files"][PTE_NAME]["bytes"],
+        "pte_bytes": m["files"][bundle.program]["bytes"],
+        "adapter": bundle.adapter,
         "quant": m["quant"]["scheme"],
         "delegate": m["delegate"],
         "cpus": os.cpu_count(),

@@ -136,10 +136,33 @@ class Bundle:
 
     root: Path
     manifest: dict
+    program: str = PTE_NAME  # the program runners load: model.pte, or a named adapter's (with_adapter)
 
     @property
     def pte(self) -> Path:
-        return self.root / PTE_NAME
+        return self.root / self.program
+
+    @property
+    def adapter(self) -> str | None:
+        """The named adapter this bundle runs (with_adapter), or None for model.pte."""
+        return next((a["name"] for a in self.adapters() if a.get("file") == self.program and a.get("name")), None)
+
+    def adapters(self) -> list[dict]:
+        return [a for a in (self.manifest.get("adapters") or []) if isinstance(a, dict)]
+
+    def with_adapter(self, name: str | None) -> "Bundle":
+        """This bundle running named adapter `name`'s program (None: model.pte)."""
+        if name is None:
+            return self
+        named = {a["name"]: a for a in self.adapters() if a.get("name")}
+        if name not in named:
+            have = ", ".join(sorted(named)) if named else "none (build with --adapter NAME=DIR)"
+            raise ConfigError(f"--adapter {name}: {self.root} has no adapter of that name; its adapters: {have}")
+        file = str(named[name].get("file", ""))
+        if Path(file).name != file or file not in (self.manifest.get("files") or {}):
+            raise BundleError(f"{self.root / BUNDLE_JSON}: adapter {name}'s program '{file}' is not one of the "
+                              "bundle's files; rebuild the bundle")
+        return Bundle(self.root, self.manifest, file)
 
     def require_host_runnable(self) -> None:
         """Static-shape NPU bundles (prefill/decode methods lowered for a device) do not run on

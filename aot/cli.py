@@ -89,6 +89,13 @@ def build(
     full_logits: bool = typer.Option(False, "--full-logits", help="forward returns logits for every position."),
     external_weights: bool = typer.Option(False, "--external-weights", help="xnnpack: the weights in model.ptd beside a "
                                           "small model.pte; equal weights give a byte-identical .ptd [one file]."),
+    adapters: Optional[List[str]] = typer.Option(None, "--adapter", help="A PEFT LoRA folder (merged into the weights), "
+                                                 "or NAME=DIR (repeatable): a program per adapter over one shared "
+                                                 "foundation in model.ptd."),
+    adapter_mode: Optional[str] = typer.Option(None, "--adapter-mode", help="merged or unmerged (low-rank matmuls "
+                                               "beside the quantized weights) [merged; NAME=DIR: unmerged]."),
+    adapter_quant: Optional[str] = typer.Option(None, "--adapter-quant", help="Unmerged adapters' weights: 8da8w or "
+                                                "none (fp32) [8da8w on a quantized model; QLoRA: none]."),
     vision_quant: Optional[str] = typer.Option(None, "--vision-quant", help="Vision models: the image encoder's scheme: "
                                                "8da8w, 8da4w, none [8da8w]."),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="The phone's memory for the app (6GiB, 512MiB; "
@@ -265,6 +272,8 @@ def run(
                                          "(JSON); calls are written under their grammar."),
     tool_choice: str = typer.Option("auto", "--tool-choice", help="auto, none, required, or a tool's name."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="--chat/--messages: stop string (repeatable)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Run this named adapter's program (a bundle built "
+                                          "with --adapter NAME=DIR) [model.pte]."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
@@ -276,7 +285,7 @@ def run(
         from aot.generate import ChatConfig, RunConfig, generate
 
         cfg = RunConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, engine=engine, image=image,
-                        truncate_prompt=truncate_prompt)
+                        truncate_prompt=truncate_prompt, adapter=adapter)
         if chat or messages is not None:
             if chat and messages is not None and prompt is not None:
                 raise ConfigError("--prompt and --messages: give the conversation one way")
@@ -391,6 +400,8 @@ def validate(
                                              "[32, or what fits]."),
     min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement",
                                                help="Gate: matched-prefix share of the host's tokens, per prompt."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Validate this named adapter's program against the reference with the adapter merged in fp32 (a bundle built "
+                                          "with --adapter NAME=DIR) [model.pte]."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
@@ -411,7 +422,8 @@ def validate(
             device, gates, prompts=device_prompts, runner=device_runner, python=device_python,
             ssh_options=tuple(ssh_option), adb=adb, timeout=device_timeout, min_agreement=min_device_agreement,
             skip_speed=skip_speed, **_given(prompt_tokens=device_prompt_tokens, new_tokens=new_tokens, repeats=repeats))
-        result = validate_bundle(bundle, cfg, on_device, Stages(quiet=as_json), images=image or None, junit=junit)
+        result = validate_bundle(bundle, cfg, on_device, Stages(quiet=as_json), images=image or None, junit=junit,
+                                 adapter=adapter)
         if as_json:
             _json(result)
         else:
@@ -431,6 +443,8 @@ def bench(
                                         "context, per D (llama-bench's -d); rows ppD and tgN @ dD, with TTFT and RSS."),
     text: Optional[Path] = typer.Option(None, "--text", help="Where prompts come from, repeated for a deeper --depth "
                                         "[the demo's held-out sample]."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Time this named adapter's program (a bundle built "
+                                          "with --adapter NAME=DIR) [model.pte]."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
@@ -438,7 +452,7 @@ def bench(
     with _command(as_json, debug):
         from aot.benchmark import bench_bundle, markdown, parse_depths
 
-        result = bench_bundle(bundle, prompt_tokens, decode_tokens, repeats, text, parse_depths(depth))
+        result = bench_bundle(bundle, prompt_tokens, decode_tokens, repeats, text, parse_depths(depth), adapter)
         print(json.dumps({"ok": True, **result}) if as_json else markdown(result))
 
 

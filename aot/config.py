@@ -19,6 +19,7 @@ from aot.families import family_for, model_names
 from aot.families.common import KVCacheSpec
 from aot.hfcache import PUBLISHED, repo_errors
 from aot.preflight import device_memory_errors
+from aot.adapters import parse_spec, spec_errors
 from aot.quant import QuantConfig
 from aot.texts import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, DEMO_DIR  # noqa: F401  (the --model demo checkpoint)
 
@@ -61,6 +62,11 @@ class BuildConfig:
     # The weights in model.ptd beside a small model.pte (ExecuTorch named data): targets with equal
     # quantized weights (two contexts, two KV-cache types) write a byte-identical .ptd.
     external_weights: bool = False
+    # LoRA adapters (aot.adapters): one "DIR" (a PEFT folder; merged into the weights by default),
+    # or "NAME=DIR" repeated: a program per adapter over one foundation stored once in model.ptd.
+    adapters: tuple[str, ...] | None = None
+    adapter_mode: str | None = None  # merged or unmerged [merged for one unnamed adapter]
+    adapter_quant: str | None = None  # unmerged adapters' A and B: 8da8w or none [8da8w on a quantized model]
     vision_quant: str | None = None  # vision models: the image encoder's scheme [8da8w]
     no_preflight: bool = False  # build even when the memory/disk estimate says it will not fit
     force: bool = False
@@ -72,6 +78,8 @@ class BuildConfig:
                 object.__setattr__(self, "kv_cache", f"int{self.kv_bits}")
             elif self.kv_bits is None and self.kv_cache in backend.kv_caches:
                 object.__setattr__(self, "kv_bits", int(self.kv_cache.removeprefix("int")))
+        if self.adapters and any(parse_spec(a)[0] for a in self.adapters) and not self.external_weights:
+            object.__setattr__(self, "external_weights", True)  # named adapters share one model.ptd
         weights_given = self.checkpoint is not None or self.hf_repo is not None or self.random_weights
         if self.model in DEMO_CHECKPOINTS and not weights_given:
             object.__setattr__(self, "checkpoint", DEMO_CHECKPOINTS[self.model])  # the demos ship their weights
@@ -118,6 +126,7 @@ class BuildConfig:
         if not 2 <= self.max_context_len <= MAX_CONTEXT_LIMIT:
             errors.append(f"--max-context-len must be between 2 and {MAX_CONTEXT_LIMIT}, but got {self.max_context_len}")
         errors += self._cache_errors()
+        errors += self._adapter_errors()
         errors += device_memory_errors(self.device_memory)
         if self.bos_id is not None and self.bos_id < 0:
             errors.append(f"--bos-id must be >= 0, but got {self.bos_id}")
@@ -132,6 +141,23 @@ class BuildConfig:
         if self.external_weights and backend.static_shapes:
             errors.append(f"--external-weights: --delegate {self.delegate} bundles keep their weights in the vendor's "
                           "context binary inside model.pte; external weights are for --delegate xnnpack")
+        return errors
+
+    def _adapter_errors(self) -> list[str]:
+        if not self.adapters and self.adapter_mode is None and self.adapter_quant is None:
+            return []
+        errors = spec_errors(tuple(self.adapters or ()), self.adapter_mode, self.adapter_quant)
+        if self.adapters:
+            if self.model is None or self.model in model_names():
+                if family_for(self).name != "llama3.2":
+                    errors.append("--adapter: LoRA adapters apply to the Llama 3.2 text models; drop it for a vision model")
+            if self.delegate in BACKENDS and BACKENDS[self.delegate]().static_shapes:
+                errors.append(f"--adapter: --delegate {self.delegate} bundles are one program in the vendor's context "
+                              "binary; adapters are for --delegate xnnpack")
+            unmerged = self.adapter_mode == "unmerged" or any(parse_spec(a)[0] for a in self.adapters)
+            if unmerged and self.quant.scheme == "spinquant":
+                errors.append("--adapter: an unmerged adapter over --quant spinquant would need rotating; "
+                              "use --adapter-mode merged, or --quant 8da4w")
         return errors
 
     def _cache_errors(self) -> list[str]:

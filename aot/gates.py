@@ -36,15 +36,15 @@ def device_config(device: str, gates, **options):
 
 
 def validate_bundle(path: Path, cfg, device=None, stages=None, images: list[Path] | None = None,
-                    junit: Path | None = None) -> dict:
+                    junit: Path | None = None, adapter: str | None = None) -> dict:
     """Validate the bundle at `path`: on this host with `cfg` (ValidateConfig), or with `device`
     (DeviceConfig) on it, taking the reference and the text from `cfg`. With `junit`, also write
     the JUnit XML there (one testcase per gate)."""
     stages = stages or Stages()
     if device is None:
-        result, to_xml = validate(open_bundle(path), cfg, stages, images=images), junit_xml
+        result, to_xml = validate(open_bundle(path).with_adapter(adapter), cfg, stages, images=images), junit_xml
     else:
-        result = ondevice.validate_on_device(open_bundle(path), device, text_file(cfg.text), cfg.reference, stages)
+        result = ondevice.validate_on_device(open_bundle(path).with_adapter(adapter), device, text_file(cfg.text), cfg.reference, stages)
         to_xml = ondevice.junit_xml
     if junit is not None:
         write_atomically(junit, to_xml(result))

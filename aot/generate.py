@@ -21,6 +21,7 @@ class RunConfig:
     engine: str | None = None  # stock or python; default: stock, vision bundles: python
     image: Path | None = None  # vision bundles: the image; <|image|> in the prompt marks its place
     truncate_prompt: bool = False  # a prompt too long for the context keeps BOS and its tail
+    adapter: str | None = None  # a named adapter's program (bundles built with --adapter NAME=DIR)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -45,7 +46,7 @@ def generate(path: Path, prompt: str, cfg: RunConfig, on_text=None):
     from aot.runner.engines import make_engine
     from aot.runner.mllama import VisionEngine, is_vision_bundle
 
-    b = open_bundle(path)
+    b = open_bundle(path).with_adapter(cfg.adapter)
     if is_vision_bundle(b):
         if cfg.engine not in (None, "python"):
             raise ConfigError(f"--engine {cfg.engine}: ExecuTorch's text runners do not run vision bundles "
@@ -112,7 +113,7 @@ class Chat:
             self.messages = check_messages(read_json_file(cfg.messages, "--messages"), f"--messages {cfg.messages}")
         elif cfg.system:
             self.messages = [{"role": "system", "content": cfg.system}]
-        b = open_bundle(path)
+        b = open_bundle(path).with_adapter(run.adapter)
         if is_vision_bundle(b):
             raise ConfigError(f"{b.root}: chat runs text bundles; use --prompt (and --image) with vision bundles")
         self.session = ChatSession(b)

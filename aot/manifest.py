@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from aot.adapters import parse_spec
 from aot.config import FIELDS, PATH_FIELDS, BuildConfig, FieldType, build_config, field_types
 from aot.errors import ConfigError
 from aot.metrics import Gates
@@ -209,6 +210,9 @@ def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str
     for key in PATH_FIELDS:  # relative paths are relative to the manifest
         if key in build_fields:
             build_fields[key] = str(_beside(path, build_fields[key]))
+    if build_fields.get("adapters"):  # NAME=DIR or DIR: the folders too
+        build_fields["adapters"] = [(f"{n}=" if n else "") + str(_beside(path, d))
+                                    for n, d in (parse_spec(str(a)) for a in build_fields["adapters"])]
     try:
         cfg = build_config(root / rel, force=True, **build_fields)
     except ConfigError as e:

@@ -60,18 +60,25 @@ def tag_weights(ep: ExportedProgram, tag: str) -> ExportedProgram:
 
     Only weights are tagged: parameters and persistent buffers. Non-persistent buffers (the rope
     tables, masks) follow from the context length and stay in the program, so one weights file
-    serves every context and KV-cache type of a model and recipe."""
+    serves every context and KV-cache type of a model and recipe. An unmerged LoRA adapter's
+    weights (aot.adapters.LoRALinear's lora_a/lora_b) stay in the program too: the weights file is
+    the foundation every adapter's program shares."""
     from torch.export.graph_signature import InputKind
 
     ep = ep.run_decompositions({})
     mutated = set(ep.graph_signature.buffers_to_mutate.values())  # the KV cache is state, not weights
     weights = {s.arg.name for s in ep.graph_signature.input_specs
                if (s.kind == InputKind.PARAMETER or (s.kind == InputKind.BUFFER and s.persistent))
-               and s.target not in mutated}
+               and s.target not in mutated and not _is_adapter_weight(s.target)}
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in weights:
             node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
     return ep
+
+
+def _is_adapter_weight(target: str | None) -> bool:
+    parts = (target or "").split(".")
+    return "lora_a" in parts or "lora_b" in parts
 
 
 class _Named(nn.Module):

@@ -10,6 +10,7 @@ lowering context. Each stage is timed with its own peak RSS (aot/progress.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from aot import __version__
+from aot.adapters import parse_spec
 from aot.backends import Backend, get_backend
 from aot.bundle import BUNDLE_FORMAT, FORMAT_VERSION, PTD_NAME, PTE_NAME, Staging
 from aot.config import PATH_FIELDS, BuildConfig
@@ -51,15 +53,28 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
                 inputs = hash_inputs(src, cfg, backend)
                 key = input_key(cfg, inputs)
             model = family.load(src, cfg, backend, stages)
-            program = backend.prepare(family.methods(model, src, cfg), model, src, cfg, stages)
-            del model
-            with stages.stage("export", program.export_label()):
-                programs = export_methods(program.methods, EXTERNAL_TAG if cfg.external_weights else None)
-            program.release()  # the eager model goes: two copies of the weights are never alive
-            metadata = family.runner_metadata(src, cfg, backend.static_shapes)
-            delegation = write_program(programs, backend, src.plan, metadata, stages, staging.dir, src.tokenizer,
-                                       cfg.soc, program.share_mutable_buffers, program.initialized_buffers,
-                                       cfg.external_weights)
+            variants = family.variants(model, src, cfg)
+            delegation, ptd_sha = {}, None
+            for i, variant in enumerate(variants):
+                with variant.attach():
+                    program = backend.prepare(family.methods(model, src, cfg), model, src, cfg, stages)
+                    if i == len(variants) - 1:
+                        del model  # the last program: the eager model goes with it
+                    label = program.export_label() + (f" ({variant.label})" if variant.label else "")
+                    with stages.stage("export", label):
+                        programs = export_methods(program.methods, EXTERNAL_TAG if cfg.external_weights else None)
+                program.release()  # the eager model goes: two copies of the weights are never alive
+                metadata = family.runner_metadata(src, cfg, backend.static_shapes)
+                last = i == len(variants) - 1
+                with contextlib.nullcontext() if last else backend.keeping_weights():
+                    report, sha = write_program(programs, backend, src.plan, metadata, stages, staging.dir,
+                                                src.tokenizer, cfg.soc, program.share_mutable_buffers,
+                                                program.initialized_buffers, cfg.external_weights, variant.file, ptd_sha)
+                if not last:  # lowering unpacked the held weights; hold them compactly again until the next
+                    backend.hold_weights(model)
+                ptd_sha = ptd_sha or sha
+                if variant.name is None:
+                    delegation = report
             manifest = bundle_manifest(cfg, family, src, program, inputs, key, metadata, delegation, stages)
             manifest["target"] = {**backend.bundle_fields(cfg), **program.target}
             manifest["build"]["preflight"] = preflight
@@ -95,6 +110,11 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
     toolchain. Paths do not count (a moved checkpoint is the same input); contents do."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "force", "no_preflight", *PATH_FIELDS)}
     config.pop("hf_repo", None)  # where the checkpoint came from: its bytes count (inputs), not its name
+    if config.get("adapters"):  # adapters by name only: their folders' bytes are inputs
+        config["adapters"] = [parse_spec(a)[0] or "" for a in config["adapters"]]
+    for k in ("adapters", "adapter_mode", "adapter_quant"):  # added later: left out unset, so older keys hold
+        if config.get(k) is None:
+            config.pop(k, None)
     for k in ("external_weights",):  # added later: left out at its default, so older keys hold
         if not config.get(k):
             config.pop(k, None)
@@ -109,27 +129,34 @@ def input_key(cfg: BuildConfig, inputs: dict) -> str:
 
 def write_program(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, stages: Stages, out: Path,
                   tokenizer: TokenizerInfo | None, soc: str | None = None, share_mutable_buffers: bool = False,
-                  initialized_buffers: tuple[str, ...] = (), external_weights: bool = False) -> dict:
-    """Lower and serialize `programs` into out/model.pte (the lower and serialize stages), copy the
-    tokenizer beside it; returns the delegation report. Takes `programs` over: each stage's input
-    is dropped as soon as the next exists, so two of them are never alive at once. With
-    `external_weights`, the weights (tagged by export_methods) go to out/model.ptd instead."""
-    with stages.stage("lower", backend.name + (f" {soc}" if soc else "")):
+                  initialized_buffers: tuple[str, ...] = (), external_weights: bool = False,
+                  pte_name: str = PTE_NAME, ptd_sha: str | None = None) -> tuple[dict, str | None]:
+    """Lower and serialize `programs` into out/`pte_name` (the lower and serialize stages), copy the
+    tokenizer beside it; returns the delegation report and the sha256 of the external weights.
+    Takes `programs` over: each stage's input is dropped as soon as the next exists, so two of them
+    are never alive at once. With `external_weights`, the weights (tagged by export_methods) go to
+    out/model.ptd instead; when `ptd_sha` is given (a bundle's second program over the same
+    foundation), model.ptd is already written and this program's weights must be those bytes."""
+    with stages.stage("lower", backend.name + (f" {soc}" if soc else "") + ("" if pte_name == PTE_NAME else f", {pte_name}")):
         edge = lower(programs, backend, plan, metadata, soc)
     programs.clear()
+    sha = None
     with stages.stage("serialize"):
         program = to_executorch(edge, share_mutable_buffers=share_mutable_buffers, initialized_buffers=initialized_buffers,
                                 external_weights=external_weights)
         del edge
         delegation = delegation_report(program)
-        with open(out / PTE_NAME, "wb") as f:
+        with open(out / pte_name, "wb") as f:
             program.write_to_file(f)
         if external_weights:
-            write_external_weights(program, out)
+            sha = write_external_weights(program, out, write=ptd_sha is None)
+            if ptd_sha is not None and sha != ptd_sha:
+                raise BuildError(f"{pte_name}: its foundation weights differ from model.ptd's (sha256 {sha[:12]} vs "
+                                 f"{ptd_sha[:12]}); build the adapters as separate bundles and report this")
     del program
-    if tokenizer is not None:
+    if tokenizer is not None and pte_name == PTE_NAME:
         shutil.copyfile(tokenizer.path, out / tokenizer.path.name)
-    return delegation
+    return delegation, sha
 
 
 def lower(programs: dict, backend: Backend, plan: QuantPlan, metadata: dict, soc: str | None = None):
@@ -190,14 +217,31 @@ def _external_tag(node) -> str | None:
     return (node.meta.get("custom") or {}).get("delegate_constant_tag")
 
 
-def write_external_weights(program, out: Path) -> None:
-    """out/model.ptd: the named data tagged by aot.methods.tag_weights (a flat_tensor file)."""
+def write_external_weights(program, out: Path, write: bool = True) -> str:
+    """out/model.ptd: the named data tagged by aot.methods.tag_weights (a flat_tensor file); its
+    sha256. `write` False: only hash it (the bundle's model.ptd is already written)."""
     data = program._tensor_data or {}  # filled by serializing; write_tensor_data_to_file names files by tag
     if set(data) != {EXTERNAL_TAG}:
         raise BuildError(f"--external-weights: expected the weights under one tag '{EXTERNAL_TAG}', got "
                          f"{sorted(data) or 'none'}; build without --external-weights")
-    with open(out / PTD_NAME, "wb") as f:
-        data[EXTERNAL_TAG].write_to_file(f)  # streamed: the weights are never one more copy in memory
+    digest = hashlib.sha256()
+
+    class Sink:  # streamed: the weights are never one more copy in memory
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, chunk):
+            digest.update(chunk)
+            if self.f is not None:
+                self.f.write(chunk)
+            return len(chunk)
+
+    if write:
+        with open(out / PTD_NAME, "wb") as f:
+            data[EXTERNAL_TAG].write_to_file(Sink(f))
+    else:
+        data[EXTERNAL_TAG].write_to_file(Sink(None))
+    return digest.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:

@@ -17,6 +17,8 @@ from aot.bundle import Bundle
 from aot.errors import CheckpointError, ConfigError
 from aot.families.text.family import TextFamily
 from aot.families.text.model import ModelArgs
+from aot.adapters import Adapter, merge_, open_peft, read_peft
+from aot.families.text.checkpoint import unpermute_rotary
 from aot.files import sha256_file
 from aot.metrics import Gates, by_depth, check_gates, row_metrics, summarize
 from aot.native import native_output_silenced
@@ -110,7 +112,29 @@ def reference_model(bundle: Bundle, reference: Path | None, positions: int) -> t
     same_files = all(inputs.get(str(f), {}).get("sha256") == sha256_file(f) for f in ckpt.weight_files)
     # rotary tables depend on the position only: a cache as long as the text gives the same logits
     model = family.reference(ckpt, max(positions, 2), full_logits=True)
-    return {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "is_build_input": same_files}, model
+    record = {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "is_build_input": same_files}
+    adapter = reference_adapter(bundle, ckpt.args)
+    if adapter is not None:
+        merge_(model, read_peft(adapter, ckpt.args, unpermute_rotary), adapter.scale)
+        record["adapter"] = {"name": adapter.name, "path": str(adapter.path), "merged": "fp32",
+                             "is_build_input": all(inputs.get(str(f), {}).get("sha256") == sha256_file(f)
+                                                   for f in adapter.files)}
+    return record, model
+
+
+def reference_adapter(bundle: Bundle, args) -> Adapter | None:
+    """The PEFT adapter in the program `bundle` runs (read again from the folder it was built
+    from), to merge into the reference in fp32; None for the foundation, or a QLoRA bundle (whose
+    reference is the bf16 original: its adaptors belong to its INT4 weights)."""
+    record = next((a for a in bundle.adapters() if a.get("file") == bundle.program), None)
+    if record is None or record.get("kind") != "peft":
+        return None
+    path = Path(str(record.get("path")))
+    try:
+        return open_peft(record.get("name"), path, args)
+    except CheckpointError as e:
+        raise CheckpointError(f"the reference needs adapter {record.get('name') or path.name} merged, from the folder "
+                              f"it was built from: {e}") from None
 
 
 def score_rows(scorer: PythonEngine, reference: torch.nn.Module, ids: list[int], chunk: int) -> dict[str, torch.Tensor]:

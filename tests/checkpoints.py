@@ -188,3 +188,26 @@ def write_mllama_checkpoint(out: Path, rope: str = "rope_parameters", tokenizer:
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
             "max_image_tiles": 4, "rescale_factor": 1 / 255, "size": {"height": MLLAMA_TILE, "width": MLLAMA_TILE}}))
     return out, hf
+
+
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_peft_adapter(hf_path: Path, path: Path, seed: int = 1, r: int = 8, alpha: float = 16,
+                       targets: list[str] | None = None, std: float = 0.05, **config) -> Path:
+    """A LoRA adapter for the checkpoint at `hf_path`, written by PEFT itself (save_pretrained):
+    adapter_config.json + adapter_model.safetensors. PEFT starts B at zero (a no-op adapter), so A
+    and B are drawn here, as a fine-tune would have moved them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or PEFT_TARGETS,
+                                            lora_dropout=0.0, task_type="CAUSAL_LM", **config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    model.save_pretrained(path)
+    return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 from aot.backends.dependencies import compact_dependency_viewers
@@ -67,6 +69,12 @@ class Backend:
 
     def forget_held(self) -> None:
         """Drop whatever hold_weights still holds (a build ended before lowering took it)."""
+
+    def keeping_weights(self):
+        """A context manager around a lowering after which the eager model's weights are exported
+        again (a bundle's next program over the same foundation): lowering must not free them.
+        Nothing to do by default."""
+        return contextlib.nullcontext()
 
     def bundle_fields(self, cfg) -> dict:
         """What bundle.json records under "target" for a build of `cfg`."""

@@ -56,3 +56,11 @@ class Xnnpack(Backend):
 
     def forget_held(self) -> None:
         self.int4_hold.held.clear()
+
+    @contextlib.contextmanager
+    def keeping_weights(self):
+        saved, self.free_packed_weights = self.free_packed_weights, False
+        try:
+            yield
+        finally:
+            self.free_packed_weights = saved

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 from aot import hfcache
+from aot.bundle import PTE_NAME
 from aot.files import sha256_file
 from aot.methods import Method
 from aot.quant import QuantPlan
@@ -60,6 +62,17 @@ class Program:
         self.methods.clear()
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One program file of a bundle: model.pte, or a named adapter's program over the same
+    foundation. `attach()` is a context manager that puts the variant's changes on the model."""
+
+    name: str | None  # None: model.pte
+    file: str
+    attach: Callable[[], ContextManager] = nullcontext
+    label: str = ""  # the export stage's detail
+
+
 class Family:
     name: str = ""  # bundle.json model.family
     models: dict = {}  # published (and test) sizes by --model name
@@ -80,6 +93,10 @@ class Family:
 
     def methods(self, model, src: Source, cfg: BuildConfig) -> Program:
         raise NotImplementedError
+
+    def variants(self, model, src: Source, cfg: BuildConfig) -> list[Variant]:
+        """The programs a build writes, each exported from `model` (first: model.pte)."""
+        return [Variant(None, PTE_NAME)]
 
     def runner_metadata(self, src: Source, cfg: BuildConfig, static: bool) -> dict:
         raise NotImplementedError

@@ -59,9 +59,9 @@ def detect(sd: dict, params: dict, file) -> Prequantized | None:
         return None
     problems = []
     qargs = params.get("quantization_args") or {}
-    if params.get("lora_args"):
-        problems.append("it carries QLoRA adapters (lora_args), which aot does not fuse yet; use the SpinQuant or bf16 release")
     group = None
+    if params.get("lora_args") and qargs.get("spinquant"):
+        problems.append("it carries both SpinQuant rotations and QLoRA adaptors (lora_args); Meta releases one or the other")
     for name in [k for k in sd if k.endswith(".scales") and k.startswith("layers.")]:
         w, s = sd.get(name.removesuffix(".scales") + ".weight"), sd[name]
         if w is None or w.dtype != torch.int8 or s.dim() != 2 or w.shape[1] % s.shape[1]:

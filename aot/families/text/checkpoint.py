@@ -19,6 +19,7 @@ import torch
 from aot.errors import CheckpointError, ConfigError
 from aot.files import read_json_object
 from aot.families.text.model import ModelArgs, RopeScaling, Transformer
+from aot.adapters import Adapter, open_qlora
 from aot.quant.prequantized import Prequantized, detect, load_quantized
 
 META, HF = "meta", "hf"
@@ -32,7 +33,8 @@ class Checkpoint:
     args: ModelArgs
     weight_files: tuple[Path, ...]
     config_files: tuple[Path, ...]
-    prequantized: Prequantized | None = None  # Meta's quantized releases (SpinQuant INT4)
+    prequantized: Prequantized | None = None  # Meta's quantized releases (SpinQuant or QLoRA INT4)
+    qlora: Adapter | None = None  # a QLoRA release's adaptors (params.json lora_args)
 
     def files(self) -> tuple[Path, ...]:
         return self.config_files + self.weight_files
@@ -231,7 +233,19 @@ def _open_meta(path: Path) -> Checkpoint:
         ),
         tie_embeddings=prequantized is None and _meta_tied(sd),
     )
-    return Checkpoint(path, META, args, files, (params_file,), prequantized)
+    qlora = None
+    if p.get("lora_args"):
+        if prequantized is None:
+            raise CheckpointError(f"{params_file}: lora_args on a float checkpoint; aot reads Meta's QLoRA releases "
+                                  "(INT4 weights with adaptors) or PEFT adapters (--adapter DIR)")
+        qlora = open_qlora(sd, p["lora_args"], args, files[0])[0]
+    return Checkpoint(path, META, args, files, (params_file,), prequantized, qlora)
+
+
+def read_qlora(ckpt: Checkpoint) -> dict:
+    """fqn -> (A, B) of a QLoRA checkpoint's adaptors (the file is memory-mapped again)."""
+    params = read_json_object(ckpt.path / "params.json")
+    return open_qlora(_load_pickle(ckpt.weight_files[0]), params["lora_args"], ckpt.args, ckpt.weight_files[0])[1]
 
 
 def _load_pickle(file: Path) -> dict:
@@ -301,8 +315,8 @@ class WeightReader:
         seen, extra, misshaped = set(), [], []
         source = _iter_hf(ckpt, stack) if ckpt.layout == HF else _iter_meta(ckpt, sd)
         for name, get, shape in source:
-            if name in self.prequantized:
-                continue
+            if name in self.prequantized or (ckpt.qlora is not None and ".adaptor." in name):
+                continue  # adaptors: attached after loading (aot.adapters)
             if ckpt.layout == HF:
                 mapped = _hf_to_meta_name(name, args)
                 ours, convert = mapped if mapped else (None, None)

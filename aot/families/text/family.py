@@ -13,7 +13,9 @@ import torch
 from torch.export import Dim
 
 from aot.errors import CheckpointError, ConfigError
-from aot.families.base import Family, Program, Source, checkpoint_dir, license_record
+from aot.adapters import Adapter, attached, default_quant, merge_, open_peft, parse_spec, program_file, read_peft
+from aot.bundle import PTE_NAME
+from aot.families.base import Family, Program, Source, Variant, checkpoint_dir, license_record
 from aot.families.common import (
     LLAMA3_VOCAB,
     KVCacheSpec,
@@ -23,7 +25,14 @@ from aot.families.common import (
     stream_parts,
     zero_ring_caches,
 )
-from aot.families.text.checkpoint import Checkpoint, WeightReader, load_weights, open_checkpoint
+from aot.families.text.checkpoint import (
+    Checkpoint,
+    WeightReader,
+    load_weights,
+    open_checkpoint,
+    read_qlora,
+    unpermute_rotary,
+)
 from aot.families.text.model import MODELS, ModelArgs, Transformer, rope_frequencies
 from aot.methods import Method
 from aot.quant import QuantPlan, apply_plan
@@ -51,6 +60,9 @@ class TextSource(Source):
     rotations: Rotations | None = None  # spinquant: R1/R2 to fuse before quantizing
     rotation_file: Path | None = None  # --rotation R.bin, an input
     snapshot: Snapshot | None = None  # the Hugging Face snapshot the checkpoint is (--hf-repo, --model)
+    adapters: tuple[Adapter, ...] = ()  # --adapter's, or a QLoRA checkpoint's own
+    adapter_mode: str | None = None  # merged or unmerged
+    adapter_quant: str | None = None  # unmerged adapters' A and B: 8da8w or none
 
     def files(self) -> list[Path]:
         files = list(self.checkpoint.files()) if self.checkpoint else []
@@ -60,7 +72,14 @@ class TextSource(Source):
                 files.append(self.tokenizer.chat_file)
         if self.rotation_file is not None:
             files.append(self.rotation_file)
+        for adapter in self.adapters:
+            files.extend(adapter.files)
         return files
+
+    def adapter_weights(self, adapter: Adapter) -> dict:
+        if adapter.kind == "qlora":
+            return read_qlora(self.checkpoint)
+        return read_peft(adapter, self.args, unpermute_rotary)
 
 
 class TextFamily(Family):
@@ -109,10 +128,11 @@ class TextFamily(Family):
                 rotations = load_rotations(cfg.rotation, args) if cfg.rotation else random_rotations(args, cfg.seed)
         if errors:
             raise ConfigError("; ".join(errors))
+        adapters, mode, adapter_quant = _adapters(cfg, ckpt, args, plan)
         label = f"--model {name}" if ckpt is None else snapshot.repo_id if snapshot else f"--checkpoint {ckpt.path}"
         rotation_file = cfg.rotation.expanduser().absolute() if cfg.rotation is not None else None
         return TextSource(args, name, tok, bos, eos, plan, (label, args.params_by_kind(), plan), ckpt, rotations,
-                          rotation_file, snapshot)
+                          rotation_file, snapshot, adapters, mode, adapter_quant)
 
     # ---- load -------------------------------------------------------------------------------
 
@@ -121,12 +141,17 @@ class TextFamily(Family):
         prequantized = src.checkpoint.prequantized if src.checkpoint else None
         quantize = backend.quantizes_at_load and prequantized is None
         source = "random weights" if src.checkpoint is None else src.checkpoint.layout
+        merged = src.adapters[0] if src.adapter_mode == "merged" else None
+        if merged is not None:
+            source += f" + adapter {merged.path.name} (merged)"
         if STREAMED_LOAD and quantize and src.rotations is None:
             # each part quantized as it is loaded: the fp32 model never exists whole
             with stages.stage("load + quantize", f"{source}, {src.plan.scheme}"):
-                return load_quantized(src, cfg, src.plan, stages.progress, backend)
+                return load_quantized(src, cfg, src.plan, stages.progress, backend, merged)
         with stages.stage("load", source):
             model = load_model(src, cfg)
+            if merged is not None:
+                merge_(model, src.adapter_weights(merged), merged.scale)
         if src.rotations is not None:
             with stages.stage("rotate", src.rotations.record["source"]):
                 fuse_rotations(model, src.rotations)
@@ -134,6 +159,21 @@ class TextFamily(Family):
             with stages.stage("quantize", src.plan.scheme):
                 apply_plan(model, src.plan)
         return model
+
+    def variants(self, model: Transformer, src: TextSource, cfg: BuildConfig) -> list[Variant]:
+        """model.pte; and with unmerged adapters: the one unnamed adapter in model.pte, or the
+        foundation alone in model.pte and a program per named adapter beside it."""
+        if not src.adapters or src.adapter_mode == "merged":
+            return [Variant(None, PTE_NAME)]
+
+        def attach(adapter: Adapter):
+            return lambda: attached(model, src.adapter_weights(adapter), adapter.scale, src.adapter_quant)
+
+        if src.adapters[0].name is None:
+            only = src.adapters[0]
+            return [Variant(None, PTE_NAME, attach(only), f"adapter {only.path.name}, unmerged")]
+        return [Variant(None, PTE_NAME, label="foundation")] + [
+            Variant(a.name, program_file(a.name), attach(a), f"adapter {a.name}") for a in src.adapters]
 
     def methods(self, model: Transformer, src: TextSource, cfg: BuildConfig) -> Program:
         return Program(text_methods(model, cfg.max_seq_len), share_mutable_buffers=False, target={"calibration": None},
@@ -165,6 +205,7 @@ class TextFamily(Family):
             "tokenizer": self.tokenizer_record(src),
             "quant": {**cfg.quant.to_dict(), "plan": src.plan.to_dict(), "rotation": _rotation_record(src),
                       "prequantized": None if ckpt is None or ckpt.prequantized is None else ckpt.prequantized.to_dict()},
+            "adapters": _adapter_records(src) if src.adapters else None,
             "export": {
                 "methods": program.signatures(),
                 "max_seq_len": cfg.max_seq_len,
@@ -229,7 +270,8 @@ def load_model(src: TextSource, cfg: BuildConfig) -> Transformer:
     return model.eval()
 
 
-def load_quantized(src: TextSource, cfg: BuildConfig, plan: QuantPlan, progress=None, backend=None) -> Transformer:
+def load_quantized(src: TextSource, cfg: BuildConfig, plan: QuantPlan, progress=None, backend=None,
+                   merged: Adapter | None = None) -> Transformer:
     """The model materialised one part at a time (embedding, output projection and final norm;
     then each decoder layer), each part's weights read (or drawn) and quantized before the next is
     allocated (families.common.stream_parts). The tied embedding's fp32 table lives until both it
@@ -256,6 +298,7 @@ def load_quantized(src: TextSource, cfg: BuildConfig, plan: QuantPlan, progress=
         apply_plan(model, plan, parts=group)
         return group
 
+    deltas = src.adapter_weights(merged) if merged is not None else None
     with ExitStack() as stack:
         reader = WeightReader(model, src.checkpoint, stack) if src.checkpoint is not None else None
 
@@ -264,11 +307,40 @@ def load_quantized(src: TextSource, cfg: BuildConfig, plan: QuantPlan, progress=
                 random_init_(model, cfg.seed, set(names))
             else:
                 reader.fill(model, [n for n in reader.names if n in set(names)])
+            if deltas is not None:  # each layer's adapter merged before the layer is quantized
+                merge_(model, deltas, merged.scale, set(names))
 
         stream_parts(model, parts, materialise, names_of, fill, quantize, backend, progress)
     if plan.dtype == "bfloat16":  # as apply_plan's whole-model .to() does for the rope tables
         model.freqs_cos, model.freqs_sin = model.freqs_cos.bfloat16(), model.freqs_sin.bfloat16()
     return model.eval()
+
+
+def _adapters(cfg: BuildConfig, ckpt: Checkpoint | None, args: ModelArgs, plan: QuantPlan):
+    """(adapters, mode, quant of unmerged ones) for a build: --adapter's PEFT folders, or a QLoRA
+    checkpoint's own adaptors."""
+    qlora = ckpt.qlora if ckpt is not None else None
+    if ckpt is not None and ckpt.prequantized is not None and cfg.adapters:
+        what = "QLoRA release carries its own adaptors" if qlora else "prequantized checkpoint cannot be re-merged"
+        raise ConfigError(f"--adapter: --checkpoint {ckpt.path} is a {what}; build adapters over the bf16 checkpoint")
+    if qlora is not None:
+        if cfg.adapter_mode == "merged":
+            raise ConfigError(f"--adapter-mode merged: --checkpoint {ckpt.path} is Meta's QLoRA release, whose INT4 "
+                              "weights were trained with the adaptors beside them; drop --adapter-mode")
+        return (qlora,), "unmerged", cfg.adapter_quant or default_quant(qlora, True)
+    if not cfg.adapters:
+        return (), None, None
+    specs = [parse_spec(s) for s in cfg.adapters]
+    adapters = tuple(open_peft(name, Path(folder), args) for name, folder in specs)
+    named = specs[0][0] is not None
+    mode = cfg.adapter_mode or ("unmerged" if named else "merged")
+    quantized = plan.linear is not None
+    return adapters, mode, (cfg.adapter_quant or default_quant(adapters[0], quantized)) if mode == "unmerged" else None
+
+
+def _adapter_records(src: TextSource) -> list[dict]:
+    return [a.record(src.adapter_mode, src.adapter_quant,
+                     program_file(a.name) if a.name is not None else PTE_NAME) for a in src.adapters]
 
 
 def _rotation_record(src: TextSource) -> dict | None:
