@@ -325,11 +325,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
+        dtype = base.weight.dtype  # the model's compute dtype (a torchao weight's logical one)
         self.lora_a = nn.Linear(a.shape[1], a.shape[0], bias=False)
         self.lora_b = nn.Linear(b.shape[1], b.shape[0], bias=False)
         with torch.no_grad():
-            self.lora_a.weight = nn.Parameter(a.float().contiguous(), requires_grad=False)
-            self.lora_b.weight = nn.Parameter((b.float() * scale).contiguous(), requires_grad=False)
+            self.lora_a.weight = nn.Parameter(a.float().to(dtype).contiguous(), requires_grad=False)
+            self.lora_b.weight = nn.Parameter((b.float() * scale).to(dtype).contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight) + self.lora_b(self.lora_a(x))

@@ -81,6 +81,10 @@ def build(cfg: BuildConfig, stages: Stages) -> dict:
             manifest["data_file"] = PTD_NAME if cfg.external_weights else None  # the runner's data_path
             manifest["memory_plan"] = read_memory_plan(  # from the bytes just written
                 staging.dir / PTE_NAME, staging.dir / PTD_NAME if cfg.external_weights else None)
+            for record in manifest.get("adapters") or []:  # each adapter's own program: what it holds at load
+                if record["file"] != PTE_NAME:
+                    plan = read_memory_plan(staging.dir / record["file"], staging.dir / PTD_NAME)
+                    record["at_load_bytes"] = plan["total"]["at_load_bytes"]
             manifest = staging.commit(manifest)
         return {**manifest, "path": str(staging.out)}
     finally:

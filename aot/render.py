@@ -43,6 +43,12 @@ def bundle(out: Console, b: dict, verified: bool) -> None:
         tools = f"tool calls {chat['tool_calls']['format']}" if chat.get("tool_calls") else "no tool calls"
         out.print(f"  chat      template from {chat['source']} (sha256 {chat['template_sha256'][:16]}); turns end "
                   f"{stops}; {tools}")
+    for a in b.get("adapters") or []:
+        where = f"{a['file']}" if a.get("name") else "in model.pte"
+        quant = f", {a['quant']}" if a.get("quant") else ""
+        at_load = f"; {a['at_load_bytes'] / 2**20:.1f} MiB at load" if a.get("at_load_bytes") else ""
+        out.print(f"  adapter   {a.get('name') or a['kind']}: {a['kind']} rank {a['rank']} x{a['scale']:g} on "
+                  f"{len(a['targets'])} projections of {len(a['layers'])} layers, {a['mode']}{quant}, {where}{at_load}")
     for name, f in b["files"].items():
         out.print(f"  {name:<16} {f['bytes'] / 2**20:10.2f} MiB  sha256 {f['sha256'][:16]}")
     for name, d in b["delegation"].items():

@@ -134,6 +134,16 @@ def accuracy(bundle: Path, adapter: str | None) -> dict:
     return {k: a.get(k) for k in ("ppl_reference", "ppl_bundle", "ppl_ratio", "top1_agreement", "kl_mean")}
 
 
+def measure(work: Path, root: Path, repeats: int) -> dict:
+    """Merged bundle, then the unmerged adapter, then the foundation, one after another."""
+    out = {"merged": speed(work / "merged", None, 128, 64, repeats),
+           "unmerged_8da8w": speed(root, "a1", 128, 64, repeats),
+           "foundation": speed(root, None, 128, 64, repeats)}
+    for kind in ("decode", "prefill"):
+        out[f"{kind}_cost_unmerged"] = round(1 - out["unmerged_8da8w"][f"{kind}_tps"] / out["merged"][f"{kind}_tps"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help="demo (its trained weights) or 1b/3b (random weights) [demo]")
@@ -141,6 +151,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--count", type=int, default=4, help="adapters in the one bundle [4]")
+    ap.add_argument("--skip-speed", action="store_true", help="sizes and memory only")
     args = ap.parse_args()
     import shutil
 
@@ -149,7 +161,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     sys.path.insert(0, str(ROOT))
-    folders = write_adapters(args.model, work / "adapters", 4, args.rank, 0.1)
+    folders = write_adapters(args.model, work / "adapters", args.count, args.rank, 0.1)
     weights = ["--model", args.model] + ([] if args.model == "demo" else ["--random-weights"])
     common = [*weights, "--max-context-len", "2048", "--max-seq-len", "128", "--no-preflight"]
     adapter_file = (folders[0] / "adapter_model.safetensors").stat().st_size
@@ -162,7 +174,7 @@ def main() -> None:
     result["builds"] = {"multi": multi["wall_s"], "merged": merged["wall_s"]}
     files = {n: f["bytes"] for n, f in multi["files"].items()}
     base = files["model.pte"] + files["model.ptd"] + files["tokenizer.json"]
-    per = [files[f"adapter-a{k}.pte"] for k in range(1, 5)]
+    per = [files[f"adapter-a{k}.pte"] for k in range(1, args.count + 1)]
     merged_bytes = merged["files"]["model.pte"]["bytes"]
     result["files"] = files
     result["merged_pte_bytes"] = merged_bytes
@@ -170,7 +182,8 @@ def main() -> None:
                         "separate_bundles": k * (merged_bytes + merged["files"]["tokenizer.json"]["bytes"]),
                         "extra_per_adapter": per[k - 1],
                         "extra_vs_fp32_file": round(per[k - 1] / adapter_file, 3),
-                        "extra_vs_bf16_file": round(per[k - 1] / (adapter_file / 2), 3)} for k in (1, 2, 4)]
+                        "extra_vs_bf16_file": round(per[k - 1] / (adapter_file / 2), 3)}
+                       for k in (1, 2, 4) if k <= args.count]
     if args.model == "demo":  # a 2-adapter bundle holds the same files as the 4-adapter one
         two = aot("build", *common, "--out", str(work / "two"),
                   *[x for k, f in enumerate(folders[:2]) for x in ("--adapter", f"a{k + 1}={f}")])
@@ -181,19 +194,11 @@ def main() -> None:
     root, ptd = work / "multi", work / "multi" / "model.ptd"
     result["rss"] = {
         "foundation_then_adapters": rss([(root / "model.pte", ptd)] + [(root / f"adapter-a{k}.pte", ptd)
-                                                                          for k in range(1, 5)]),
+                                                                          for k in range(1, args.count + 1)]),
         "adapter_alone": rss([(root / "adapter-a1.pte", ptd)]),
         "merged_bundles_side_by_side": rss([(work / "merged" / "model.pte", None)] * 2),
     }
-    result["speed"] = {
-        "merged": speed(work / "merged", None, 128, 64, args.repeats),
-        "unmerged_8da8w": speed(root, "a1", 128, 64, args.repeats),
-        "foundation": speed(root, None, 128, 64, args.repeats),
-    }
-    result["speed"]["decode_cost_unmerged"] = round(
-        1 - result["speed"]["unmerged_8da8w"]["decode_tps"] / result["speed"]["merged"]["decode_tps"], 3)
-    result["speed"]["prefill_cost_unmerged"] = round(
-        1 - result["speed"]["unmerged_8da8w"]["prefill_tps"] / result["speed"]["merged"]["prefill_tps"], 3)
+    result["speed"] = None if args.skip_speed else measure(work, root, args.repeats)
     if args.model == "demo":
         fp32 = aot("build", *common, "--out", str(work / "unmerged-fp32"), "--adapter", str(folders[0]),
                    "--adapter-mode", "unmerged", "--adapter-quant", "none")
@@ -221,12 +226,13 @@ def table(r: dict) -> str:
     for name, probe in r["rss"].items():
         for row in probe["rows"]:
             lines.append(f"| {name}: {row['program']} | {row['load_s']} | {row['rss_mib']:,.1f} MiB |")
-    lines += ["", "| program | prefill tok/s | decode tok/s |", "|---|---|---|"]
-    for name, s in r["speed"].items():
-        if isinstance(s, dict):
-            lines.append(f"| {name} | {s['prefill_tps']:.1f} | {s['decode_tps']:.2f} |")
-    lines.append(f"\nunmerged adapter vs merged: decode {r['speed']['decode_cost_unmerged']:+.1%} slower, "
-                 f"prefill {r['speed']['prefill_cost_unmerged']:+.1%}")
+    if r["speed"]:
+        lines += ["", "| program | prefill tok/s | decode tok/s |", "|---|---|---|"]
+        for name, s in r["speed"].items():
+            if isinstance(s, dict):
+                lines.append(f"| {name} | {s['prefill_tps']:.1f} | {s['decode_tps']:.2f} |")
+        lines.append(f"\nunmerged adapter vs merged: decode {r['speed']['decode_cost_unmerged']:+.1%} slower, "
+                     f"prefill {r['speed']['prefill_cost_unmerged']:+.1%}")
     if "accuracy" in r:
         lines += ["", "| form (vs the fp32 model with the adapter merged) | ppl ratio | top-1 | KL |", "|---|---|---|---|"]
         for name, a in r["accuracy"].items():

@@ -391,3 +391,33 @@ def test_qlora_checkpoint_problems_are_one_line(qlora_ckpt, tmp_path):
     result = run_cli("build", "--checkpoint", qlora_ckpt, "--adapter-mode", "merged", "--adapter", "x",
                      "--out", tmp_path / "o")
     assert result.exit_code == 3 and "QLoRA release carries its own adaptors" in result.stderr, result.stderr
+
+
+def test_manifest_adapters_are_beside_the_manifest_and_keyed_by_content(hf_ckpt, adapters, tmp_path):
+    from aot.manifest import load_manifest
+    from aot.pipeline import fingerprint
+
+    for where in ("a", "b"):
+        shutil.copytree(adapters["two"], tmp_path / where / "adapters" / "two")
+        (tmp_path / where / "release.yaml").write_text(f"""
+version: 1
+targets:
+  - name: features
+    checkpoint: {hf_ckpt}
+    adapters: [two=adapters/two]
+""")
+    keys = []
+    for where in ("a", "b"):
+        (target,) = load_manifest(tmp_path / where / "release.yaml").targets
+        assert target.build.adapters == (f"two={tmp_path / where / 'adapters' / 'two'}",)
+        assert target.build.external_weights is True  # named adapters share one model.ptd
+        keys.append(fingerprint(target.build))
+    assert keys[0] == keys[1]  # the folder moved, the bytes did not: the same build
+    weights = tmp_path / "b" / "adapters" / "two" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(weights)
+    next(iter(sd.values()))[0, 0] += 1
+    save_file(sd, weights)
+    (target,) = load_manifest(tmp_path / "b" / "release.yaml").targets
+    assert fingerprint(target.build) != keys[0]
