@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from aot.errors import CheckpointError, ConfigError
+from aot.quant import LayerQuant, _torchao_config
 
 ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 MODES = ("merged", "unmerged")
@@ -354,7 +355,6 @@ def merge_(model: nn.Module, weights: dict, scale: float, names: set[str] | None
 def attached(model: nn.Module, weights: dict, scale: float, quant: str):
     """`model` with each adapted linear a LoRALinear (A and B quantized by `quant`) inside the
     block; the plain linears are back afterwards."""
-    from aot.quant import LayerQuant, _torchao_config
 
     swapped = []
     try:

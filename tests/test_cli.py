@@ -223,7 +223,7 @@ def test_left_out_flags_take_the_dataclass_defaults(monkeypatch, tmp_path):
     from aot.validate import ValidateConfig
 
     seen = {}
-    monkeypatch.setattr(aot.gates, "validate_bundle", lambda path, cfg, device, stages, images=None, junit=None:
+    monkeypatch.setattr(aot.gates, "validate_bundle", lambda path, cfg, device, stages, images=None, junit=None, adapter=None:
                         seen.update(validate=(cfg, device)) or {"ok": True, "gates": []})
     assert run_cli("validate", "b", "--device", "ssh://board", "--json").exit_code == 0
     assert seen["validate"] == (ValidateConfig(), DeviceConfig(device="ssh://board"))

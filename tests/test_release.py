@@ -32,6 +32,8 @@ HAND_KEPT_FIELDS = {
     "bos_id": ((int,), "build", "bos_id"),
     "eos_ids": ((list,), "build", "eos_ids"), "full_logits": ((bool,), "build", "full_logits"),
     "external_weights": ((bool,), "build", "external_weights"),
+    "adapters": ((list,), "build", "adapters"), "adapter_mode": ((str,), "build", "adapter_mode"),
+    "adapter_quant": ((str,), "build", "adapter_quant"),
     "vision_quant": ((str,), "build", "vision_quant"), "no_preflight": ((bool,), "build", "no_preflight"),
 }
 HAND_KEPT_VALIDATE = {"reference": (str,), "text": (str,), "max_tokens": (int,), "prompt_tokens": (int,),
