@@ -23,6 +23,7 @@ from aot.cli_support import (
     DEVICE,
     JSON_OPT,
     RUN,
+    OneLineGroup,
     SIMULATE,
     _command,
     _Defaults,
@@ -35,6 +36,7 @@ from aot.cli_support import (
 from aot.errors import EXIT_CODES
 
 app = typer.Typer(
+    cls=OneLineGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -54,7 +56,7 @@ def build(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to write (atomically); with --manifest the output root."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Build a manifest's targets instead."),
     target: Optional[List[str]] = typer.Option(None, "--target", help="With --manifest: only these (repeatable)."),
-    jobs: int = typer.Option(1, "--jobs", help="With --manifest: targets built at once."),
+    jobs: int = typer.Option(1, "--jobs", min=1, max=64, help="With --manifest: targets built at once."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="With --manifest: stop at the first failure."),
     rebuild: bool = typer.Option(False, "--rebuild", help="With --manifest: build even when up to date."),
     # The build fields: named as in aot.config.FIELDS (manifests use the same names).
@@ -65,27 +67,27 @@ def build(
                                           "else downloaded (HF_TOKEN for gated repos) [--model's, cached only]."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json/.model (default: the checkpoint's)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Untrained weights, for benchmarking only."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --random-weights and spinquant's random rotations [0]."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seed for --random-weights and spinquant's random rotations [0]."),
     delegate: Optional[str] = typer.Option(None, "--delegate", help="Backend: xnnpack, qnn, mediatek [xnnpack]."),
     soc: Optional[str] = typer.Option(None, "--soc", help="qnn: SM8650, SM8750, ... [SM8650]; mediatek: mt6989, mt6991 [mt6989]."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="KV cache storage. xnnpack: fp32, int8 [fp32]; "
                                            "qnn: int8, int16 [the activations' width]."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: --kv-cache int8/int16, the old spelling (8 or 16)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", min=4, max=16, help="qnn: --kv-cache int8/int16, the old spelling (8 or 16)."),
     attention_sink: Optional[str] = typer.Option(None, "--attention-sink", help="SINK,WINDOW: keep the first SINK and the "
                                                  "last WINDOW positions in a fixed ring; the context goes on [none]."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="qnn/mediatek: calibration text [demo held-out text]."),
     quant: Optional[str] = typer.Option(None, "--quant", help="xnnpack: none, bf16, 8da4w, 8da8w, spinquant [8da4w]; "
                                         "qnn: 16a4w, 16a4w-block, 16a8w, 8a8w; mediatek: 16a4w, 16a8w, 8a8w [16a4w]."),
     rotation: Optional[Path] = typer.Option(None, "--rotation", help="spinquant: learned R1/R2 (SpinQuant's R.bin) [random Hadamard]."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="4-bit group: 32, 64, 128, 256 [32]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", min=1, max=4096, help="4-bit group: 32, 64, 128, 256 [32]."),
     embedding_quant: Optional[str] = typer.Option(None, "--embedding-quant", help="none, 8, 4 [8 for 8da4w/8da8w]."),
-    embedding_group_size: Optional[int] = typer.Option(None, "--embedding-group-size", help="0 = per-channel [0 for 8-bit, 32 for 4-bit]."),
+    embedding_group_size: Optional[int] = typer.Option(None, "--embedding-group-size", min=0, max=4096, help="0 = per-channel [0 for 8-bit, 32 for 4-bit]."),
     output_quant: Optional[str] = typer.Option(None, "--output-quant", help="none, 8da8w, 8da4w [8da8w when quantized]."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prefill chunk; NPUs: the fixed prefill length [128]."),
-    max_context_len: Optional[int] = typer.Option(None, "--max-context-len", help="Positions a sequence may reach, up to "
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=1, max=131072, help="Longest prefill chunk; NPUs: the fixed prefill length [128]."),
+    max_context_len: Optional[int] = typer.Option(None, "--max-context-len", min=1, max=131072, help="Positions a sequence may reach, up to "
                                                   "131072 (the KV cache's length without a sink) [2048]."),
-    bos_id: Optional[int] = typer.Option(None, "--bos-id", help="Override the tokenizer's BOS id."),
-    eos_ids: Optional[List[int]] = typer.Option(None, "--eos-id", help="Override EOS ids (repeatable)."),
+    bos_id: Optional[int] = typer.Option(None, "--bos-id", min=0, max=2**31 - 1, help="Override the tokenizer's BOS id."),
+    eos_ids: Optional[List[int]] = typer.Option(None, "--eos-id", min=0, max=2**31 - 1, help="Override EOS ids (repeatable)."),
     full_logits: bool = typer.Option(False, "--full-logits", help="forward returns logits for every position."),
     external_weights: bool = typer.Option(False, "--external-weights", help="xnnpack: the weights in model.ptd beside a "
                                           "small model.pte; equal weights give a byte-identical .ptd [one file]."),
@@ -158,7 +160,7 @@ def inspect(
 def release(
     manifest: Path = typer.Option(..., "--manifest", help="Release manifest (YAML)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output root [build/<manifest name>]."),
-    jobs: int = typer.Option(1, "--jobs", help="Targets built at once."),
+    jobs: int = typer.Option(1, "--jobs", min=1, max=64, help="Targets built at once."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build even targets that are up to date."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Also sign release.json with this EC private key "
                                         "(PEM; model-signing, offline): release.json.sig beside it."),
@@ -254,9 +256,9 @@ def pull(
 def run(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to continue; with --chat, the user's message."),
-    max_new_tokens: int = typer.Option(RUN.max_new_tokens, "--max-new-tokens", help="Tokens to generate at most (per turn)."),
-    temperature: float = typer.Option(RUN.temperature, "--temperature", help="0 = greedy."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (--engine python, --chat)."),
+    max_new_tokens: int = typer.Option(RUN.max_new_tokens, "--max-new-tokens", min=1, max=131072, help="Tokens to generate at most (per turn)."),
+    temperature: float = typer.Option(RUN.temperature, "--temperature", min=0.0, max=100.0, help="0 = greedy."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Sampling seed (--engine python, --chat)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="stock (ExecuTorch's TextLLMRunner) or python "
                                          "[stock; vision bundles and --chat: python]."),
     image: Optional[Path] = typer.Option(None, "--image", help="Vision bundles: an image file (PNG, JPEG, ...); "
@@ -338,18 +340,18 @@ def simulate(
     delegate: str = typer.Option(..., "--delegate", help="NPU delegate whose recipe to simulate: qnn, mediatek."),
     quant: str = typer.Option(SIMULATE.scheme, "--quant",
                               help="qnn: 16a4w, 16a4w-block, 16a8w, 8a8w; mediatek: 16a4w, 16a8w, 8a8w [16a4w]."),
-    group_size: int = typer.Option(SIMULATE.group_size, "--group-size", help="Block size of 16a4w-block [32]."),
+    group_size: int = typer.Option(SIMULATE.group_size, "--group-size", min=1, max=4096, help="Block size of 16a4w-block [32]."),
     soc: Optional[str] = typer.Option(None, "--soc", help="Target chip, recorded [the delegate's default]."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="qnn: KV cache int8 or int16 [the activations' width]."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="qnn: --kv-cache, the old spelling (8 or 16)."),
-    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="Tokens in the prefill call; the rest decode [max-tokens / 2]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", min=4, max=16, help="qnn: --kv-cache, the old spelling (8 or 16)."),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", min=1, max=131072, help="Tokens in the prefill call; the rest decode [max-tokens / 2]."),
     model: Optional[str] = typer.Option(None, "--model", help="demo (the embedded model), or give --checkpoint."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Meta or Hugging Face Llama folder."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration text [--text, past the scored tokens]."),
-    max_tokens: int = typer.Option(SIMULATE.max_tokens, "--max-tokens",
+    max_tokens: int = typer.Option(SIMULATE.max_tokens, "--max-tokens", min=1, max=10**7,
                                    help="Tokens scored, and the length of each calibration window."),
-    calibration_windows: int = typer.Option(SIMULATE.calibration_windows, "--calibration-windows", help="Calibration windows."),
+    calibration_windows: int = typer.Option(SIMULATE.calibration_windows, "--calibration-windows", min=1, max=10**5, help="Calibration windows."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):
@@ -372,18 +374,18 @@ def validate(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Checkpoint to compare with [bundle.json's]."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to score on [the demo's held-out sample]."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens of --text scored [512]."),
-    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length for speed [128, or "
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, max=10**7, help="Tokens of --text scored [512]."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1, max=131072, help="Prompt length for speed [128, or "
                                                 "what fits the bundle's context]."),
-    decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", help="Tokens generated for speed [64, or "
+    decode_tokens: Optional[int] = typer.Option(None, "--decode-tokens", min=1, max=131072, help="Tokens generated for speed [64, or "
                                                 "what fits]."),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="Speed runs [3]; median and spread reported."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, max=1000, help="Speed runs [3]; median and spread reported."),
     skip_speed: bool = typer.Option(False, "--skip-speed", help="Accuracy only."),
-    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Gate: bundle ppl / reference ppl."),
-    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: top-1 agreement with the reference."),
-    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Gate: mean KL(reference || bundle)."),
-    min_prefill_tps: Optional[float] = typer.Option(None, "--min-prefill-tps", help="Gate: median prefill tok/s."),
-    min_decode_tps: Optional[float] = typer.Option(None, "--min-decode-tps", help="Gate: median decode tok/s."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", min=0.0, max=1e9, help="Gate: bundle ppl / reference ppl."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0.0, max=1.0, help="Gate: top-1 agreement with the reference."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, max=1e9, help="Gate: mean KL(reference || bundle)."),
+    min_prefill_tps: Optional[float] = typer.Option(None, "--min-prefill-tps", min=0.0, max=1e9, help="Gate: median prefill tok/s."),
+    min_decode_tps: Optional[float] = typer.Option(None, "--min-decode-tps", min=0.0, max=1e9, help="Gate: median decode tok/s."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per gate)."),
     image: Optional[List[Path]] = typer.Option(None, "--image", help="Vision bundles: score with these images "
                                                "(repeatable) [4 generated test images, 1-4 tiles]."),
@@ -392,13 +394,13 @@ def validate(
     device_python: str = typer.Option(DEVICE.python, "--device-python", help="ssh: the device's Python with ExecuTorch."),
     ssh_option: List[str] = typer.Option([], "--ssh-option", help="ssh: extra -o KEY=VALUE (repeatable)."),
     adb: Optional[str] = typer.Option(None, "--adb", help="adb: the adb client [$ADB, then PATH]."),
-    device_timeout: float = typer.Option(DEVICE.timeout, "--device-timeout", help="Seconds one device command may take."),
-    device_prompts: int = typer.Option(DEVICE.prompts, "--device-prompts", help="Prompts cut from --text for the device."),
-    device_prompt_tokens: Optional[int] = typer.Option(None, "--device-prompt-tokens", help="Tokens per device prompt "
+    device_timeout: float = typer.Option(DEVICE.timeout, "--device-timeout", min=0.1, max=86400.0, help="Seconds one device command may take."),
+    device_prompts: int = typer.Option(DEVICE.prompts, "--device-prompts", min=1, max=1000, help="Prompts cut from --text for the device."),
+    device_prompt_tokens: Optional[int] = typer.Option(None, "--device-prompt-tokens", min=1, max=131072, help="Tokens per device prompt "
                                                        "[32, or what fits the bundle's context]."),
-    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Greedy tokens generated per device prompt "
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=1, max=131072, help="Greedy tokens generated per device prompt "
                                              "[32, or what fits]."),
-    min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement",
+    min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement", min=0.0, max=1.0,
                                                help="Gate: matched-prefix share of the host's tokens, per prompt."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Validate this named adapter's program against the reference with the adapter merged in fp32 (a bundle built "
                                           "with --adapter NAME=DIR) [model.pte]."),
@@ -434,11 +436,11 @@ def validate(
 @app.command()
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    prompt_tokens: Optional[int] = typer.Option(None, "-p", "--prompt-tokens", help="pp N: prompt length [128, or "
+    prompt_tokens: Optional[int] = typer.Option(None, "-p", "--prompt-tokens", min=1, max=131072, help="pp N: prompt length [128, or "
                                                 "what fits the bundle's context]."),
-    decode_tokens: Optional[int] = typer.Option(None, "-n", "--decode-tokens", help="tg N: tokens generated [64, or "
+    decode_tokens: Optional[int] = typer.Option(None, "-n", "--decode-tokens", min=1, max=131072, help="tg N: tokens generated [64, or "
                                                 "what fits]."),
-    repeats: int = typer.Option(BENCH.repeats, "-r", "--repeats", help="Measured runs (after one warm-up)."),
+    repeats: int = typer.Option(BENCH.repeats, "-r", "--repeats", min=1, max=1000, help="Measured runs (after one warm-up)."),
     depth: Optional[str] = typer.Option(None, "-d", "--depth", help="D[,D...]: decode -n tokens after a D-token "
                                         "context, per D (llama-bench's -d); rows ppD and tgN @ dD, with TTFT and RSS."),
     text: Optional[Path] = typer.Option(None, "--text", help="Where prompts come from, repeated for a deeper --depth "
@@ -463,15 +465,15 @@ SERVE = _Defaults("aot.serve_api:ServeConfig")
 def serve(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     host: str = typer.Option(SERVE.host, "--host", help="Address to listen on; beyond loopback needs --api-key."),
-    port: int = typer.Option(SERVE.port, "--port", help="Port; 0 picks a free one (the start line gives it)."),
+    port: int = typer.Option(SERVE.port, "--port", min=0, max=65535, help="Port; 0 picks a free one (the start line gives it)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AOT_API_KEY", show_envvar=True,
                                           help="Clients must send Authorization: Bearer KEY [none: no check]."),
-    queue: int = typer.Option(SERVE.queue, "--queue", help="Requests that may wait while one generates; more get 429."),
-    max_request_bytes: int = typer.Option(SERVE.max_request_bytes, "--max-request-bytes",
+    queue: int = typer.Option(SERVE.queue, "--queue", min=0, max=10**4, help="Requests that may wait while one generates; more get 429."),
+    max_request_bytes: int = typer.Option(SERVE.max_request_bytes, "--max-request-bytes", min=1, max=2**30,
                                           help="Larger request bodies get 413."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on a request's max_tokens [the "
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, max=131072, help="Cap on a request's max_tokens [the "
                                              "bundle's context]."),
-    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Seconds a request may wait "
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", min=0.1, max=86400.0, help="Seconds a request may wait "
                                                     "in the queue, then 503 [no limit]."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model name clients use [the "
                                              "bundle's model name]."),
@@ -518,13 +520,13 @@ def farm_package(
     device_runner: Optional[Path] = typer.Option(None, "--device-runner", help="ExecuTorch's llama_main for arm64-v8a."),
     root: Optional[Path] = typer.Option(None, "--root", help="The manifest's output root [build/<manifest name>]."),
     target: Optional[List[str]] = typer.Option(None, "--target", help="Only these targets (repeatable)."),
-    device_prompts: int = typer.Option(DEVICE.prompts, "--device-prompts", help="Prompts cut from the target's validation text."),
-    device_prompt_tokens: Optional[int] = typer.Option(None, "--device-prompt-tokens", help="Tokens per prompt [32, or "
+    device_prompts: int = typer.Option(DEVICE.prompts, "--device-prompts", min=1, max=1000, help="Prompts cut from the target's validation text."),
+    device_prompt_tokens: Optional[int] = typer.Option(None, "--device-prompt-tokens", min=1, max=131072, help="Tokens per prompt [32, or "
                                                        "what fits the target's context]."),
-    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Greedy tokens generated per prompt [32, or "
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=1, max=131072, help="Greedy tokens generated per prompt [32, or "
                                              "what fits]."),
-    repeats: int = typer.Option(DEVICE.repeats, "--repeats", help="Runs of each prompt on each device (speed: median)."),
-    min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement", help="Gate, per prompt."),
+    repeats: int = typer.Option(DEVICE.repeats, "--repeats", min=1, max=1000, help="Runs of each prompt on each device (speed: median)."),
+    min_device_agreement: float = typer.Option(DEVICE.min_agreement, "--min-device-agreement", min=0.0, max=1.0, help="Gate, per prompt."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ):

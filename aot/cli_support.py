@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import warnings
 from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from typer import _click
+from typer.core import TyperGroup
+from typer.exceptions import Abort
 from rich.markup import escape
 
 from aot import __version__
-from aot.errors import EXIT_INTERRUPTED, AotError
+from aot.errors import EXIT_INTERRUPTED, AotError, short
 from aot.native import quiet_libraries
 
 out = Console(highlight=False, soft_wrap=True)
@@ -68,13 +72,44 @@ def _command(as_json: bool, debug: bool, torch: bool = True, interrupted: str = 
     except AotError as e:
         if debug:
             raise
+        message = short(" ".join(str(e).splitlines()), 1000)  # one line, and no unbounded value echoed back
         if as_json and not getattr(e, "result_printed", False):
-            print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}}))
-        err.print(f"[red]aot: error:[/red] {escape(str(e))}", soft_wrap=True)  # messages hold [brackets]
+            print(json.dumps({"ok": False, "error": {"kind": e.kind, "message": message, "exit_code": e.exit_code}}))
+        err.print(f"[red]aot: error:[/red] {escape(message)}", soft_wrap=True)  # messages hold [brackets]
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err.print(f"aot: interrupted; {interrupted}")
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+class OneLineGroup(TyperGroup):
+    """The application's group: a usage error (an unknown option, a bad value, a missing argument)
+    is one line on stderr and exit 2, as every other error is one line, instead of typer's boxed
+    usage text. `aot` alone still prints the help (exit 2), `--help` too (exit 0)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _click.exceptions.ClickException as e:
+            sys.exit(_usage_line(e))
+        except Abort:
+            err.print("aot: interrupted; nothing was written")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_line(e) -> int:
+    """Print a click error as one line (`aot: error: aot run: --max-new-tokens: ...`); its exit code."""
+    message = " ".join(e.format_message().split())
+    where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "aot"
+    hint = f" (see {where} --help)" if isinstance(e, _click.exceptions.UsageError) else ""
+    err.print(f"[red]aot: error:[/red] {escape(where)}: {escape(short(message, 400))}{escape(hint)}", soft_wrap=True)
+    return e.exit_code
 
 
 def _version(value: bool) -> None:

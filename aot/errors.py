@@ -4,6 +4,15 @@ The CLI catches `AotError` only; anything else is a bug and shows a traceback un
 """
 
 
+def short(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, saying how much was left out: an error never echoes an
+    unbounded value back (a 1 MB flag value, a manifest's 10^6-character string)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
+
+
 class AotError(Exception):
     exit_code = 1
     kind = "error"

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
+import string
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
@@ -31,12 +33,19 @@ import yaml
 
 from aot.adapters import parse_spec
 from aot.config import FIELDS, PATH_FIELDS, BuildConfig, FieldType, build_config, field_types
-from aot.errors import ConfigError
+from aot.errors import ConfigError, short
 from aot.metrics import Gates
 from aot.quant import QuantConfig
 from aot.validate import ValidateConfig
 
 FORMAT_VERSION = 1
+# What a manifest may cost to read: its size, its YAML nesting and values, and the targets it
+# names (a matrix's product included). A release's manifest is far inside all four.
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_NODES = 20_000
+MAX_TARGETS = 256
+MAX_PROBLEMS = 20  # reported; the count says how many more
 TOP_KEYS = ("version", "defaults", "targets", "matrix")
 TARGET_KEYS = ("name", "out", "validate", *FIELDS)
 DEFAULT_NAME = "{model}-{delegate}-{quant}"
@@ -76,22 +85,92 @@ class Manifest:
 
 def load_manifest(path: Path, root: Path | None = None) -> Manifest:
     path = Path(path).expanduser()
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"--manifest {path}: cannot read it ({e.strerror})") from None
-    try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"{path}: not valid YAML{line} ({getattr(e, 'problem', e)})") from None
+    raw = _read(path)
+    doc = _parse(raw, path)
     root = Path(root).expanduser() if root else Path("build") / path.stem
     problems: list[str] = []
     targets = _targets(doc, path, root.absolute(), problems)
     if problems:
-        raise ConfigError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+        more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+        raise ConfigError(short(f"{short(path)}: {len(problems)} problem(s): " + "; ".join(problems[:MAX_PROBLEMS]), 1800)
+                          + more)
     return Manifest(path, hashlib.sha256(raw).hexdigest(), root.absolute(), tuple(targets))
+
+
+def _read(path: Path) -> bytes:
+    """The manifest's bytes, at most MAX_BYTES of them (a manifest is a page of YAML, not a dump)."""
+    try:
+        with open(path, "rb") as f:
+            if not os.path.isfile(path):
+                raise ConfigError(f"--manifest {short(path)}: not a regular file; give the path of a YAML file")
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"--manifest {short(path)}: cannot read it ({e.strerror})") from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"--manifest {short(path)}: larger than {MAX_BYTES >> 20} MiB; a release manifest is "
+                          "a page of YAML (use matrix: for many targets)")
+    return raw
+
+
+def _parse(raw: bytes, path: Path):
+    """yaml's safe loader, after a pass over the parser's events that refuses what makes a small file
+    expensive: aliases (a 20-line file of nested aliases expands to gigabytes), nesting past
+    MAX_DEPTH (the composer recurses) and more than MAX_NODES values. libyaml's parser (CSafeLoader:
+    SafeLoader's constructors, C scanning) where PyYAML has it: the pure-Python one takes ~14 s on a
+    1 MB file here."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    depth = nodes = 0
+    try:
+        for event in yaml.parse(raw, Loader=loader):
+            line = f"line {event.start_mark.line + 1}" if event.start_mark else "a line"
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"{short(path)}: {line}: a YAML alias (*{short(event.anchor, 40)}); aot manifests "
+                                  "do not expand aliases: write the value out, or put shared fields in defaults:")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{short(path)}: {line}: nested more than {MAX_DEPTH} levels deep; a manifest "
+                                      "is targets of flat fields")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            if isinstance(event, yaml.NodeEvent):
+                nodes += 1
+                if nodes > MAX_NODES:
+                    raise ConfigError(f"{short(path)}: more than {MAX_NODES} YAML values; split the release into "
+                                      "manifests, or use matrix: for many targets")
+        doc = yaml.load(raw, Loader=loader)  # noqa: S506 - the safe loader (safe_load's), in C where available
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        problem = " ".join(str(getattr(e, "problem", e)).split())
+        raise ConfigError(f"{short(path)}: not valid YAML{line} ({short(problem, 200)})") from None
+    except (ValueError, OverflowError) as e:  # an int of 5,000 digits (Python's int-from-str limit)
+        raise ConfigError(f"{short(path)}: a value cannot be read ({short(' '.join(str(e).split()), 120)})") from None
+    except RecursionError:
+        raise ConfigError(f"{short(path)}: nested too deeply to read") from None
+    bad = _control_character(doc)
+    if bad is not None:
+        raise ConfigError(f"{short(path)}: {short(repr(bad), 80)} holds a control character (NUL, ESC, ...); "
+                          "names, paths and values are printable text")
+    return doc
+
+
+def _control_character(value):
+    """The first string (key or value) in `value` that holds a C0/C1 control character other than
+    tab and newline: NUL breaks every path it reaches, ESC rewrites the terminal that prints it."""
+    if isinstance(value, str):
+        return value if any((ord(c) < 32 and c not in "\t\n") or 127 <= ord(c) < 160 for c in value) else None
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _control_character(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _targets(doc, path: Path, root: Path, problems: list[str]) -> list[Target]:
@@ -100,9 +179,9 @@ def _targets(doc, path: Path, root: Path, problems: list[str]) -> list[Target]:
         return []
     for key in doc:
         if key not in TOP_KEYS:
-            problems.append(f"unknown top-level key '{key}'; allowed: {', '.join(TOP_KEYS)}")
+            problems.append(f"unknown top-level key '{short(key, 60)}'; allowed: {', '.join(TOP_KEYS)}")
     if doc.get("version") != FORMAT_VERSION:
-        problems.append(f"'version' must be {FORMAT_VERSION}, but got {doc.get('version')!r}")
+        problems.append(f"'version' must be {FORMAT_VERSION}, but got {short(repr(doc.get('version')), 60)}")
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         problems.append("'defaults' must be a mapping")
@@ -119,7 +198,7 @@ def _targets(doc, path: Path, root: Path, problems: list[str]) -> list[Target]:
             problems.append(f"{label}: 'name' is required (a non-empty string)")
             continue
         if name in seen:
-            problems.append(f"target '{name}': duplicate name")
+            problems.append(f"target '{short(name, 80)}': duplicate name")
             continue
         seen[name] = None
         target = _target(name, {**defaults, **entry}, path, root, problems)
@@ -139,7 +218,7 @@ def _entries(doc: dict, defaults: dict, problems: list[str]) -> list[tuple[str, 
         if not isinstance(entry, dict):
             problems.append(f"targets[{i}]: must be a mapping")
             continue
-        entries.append((f"target '{entry.get('name', f'#{i}')}'", entry))
+        entries.append((f"target '{short(entry.get('name', f'#{i}'), 80)}'", entry))
     for i, spec in enumerate(_list(doc, "matrix", problems)):
         if not isinstance(spec, dict):
             problems.append(f"matrix[{i}]: must be a mapping")
@@ -150,18 +229,46 @@ def _entries(doc: dict, defaults: dict, problems: list[str]) -> list[tuple[str, 
             continue
         scalars = {k: v for k, v in {**_NAME_DEFAULTS, **defaults, **spec}.items()
                    if k not in axes and isinstance(v, (str, int, float))}
+        count = math.prod(len(v) for v in axes.values())
+        if len(entries) + count > MAX_TARGETS:
+            problems.append(f"matrix[{i}]: {count} combinations; a manifest names at most {MAX_TARGETS} targets")
+            continue
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values))
             names = {**scalars, **point}
             entry = {k: v for k, v in spec.items() if k not in axes and k != "name"}
             try:
-                entry = {k: v.format(**names) if isinstance(v, str) else v for k, v in entry.items()}
-                entry["name"] = str(spec.get("name", DEFAULT_NAME)).format(**names)
+                entry = {k: _fill(v, names) if isinstance(v, str) else v for k, v in entry.items()}
+                entry["name"] = _fill(str(spec.get("name", DEFAULT_NAME)), names)
             except (KeyError, IndexError, ValueError) as e:
-                problems.append(f"matrix[{i}]: a template refers to {e}, which is neither an axis nor a field")
+                problems.append(f"matrix[{i}]: {short(e, 120)}")
                 break
-            entries.append((f"matrix[{i}] {point}", {**entry, **point}))
+            entries.append((f"matrix[{i}] {short(point, 120)}", {**entry, **point}))
+    if len(entries) > MAX_TARGETS:
+        problems.append(f"{len(entries)} targets; a manifest names at most {MAX_TARGETS}")
+        return []
     return entries
+
+
+def _fill(template: str, names: dict) -> str:
+    """`template` with each {key} replaced by that field's value. Only plain names: no format specs
+    or conversions ({model:>99999999} would allocate 100 MB) and no attribute or index lookups."""
+    out = []
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template {short(repr(template), 60)}: {e}") from None
+    for text, field, spec, conversion in parts:
+        out.append(text)
+        if field is None:
+            continue
+        if spec or conversion or not field.isidentifier():
+            raise ValueError(f"template {short(repr(template), 60)}: {{{short(field, 40)}}} must be a plain "
+                             "{key}, without a format or lookup")
+        if field not in names:
+            raise ValueError(f"a template refers to '{short(field, 40)}', which is neither an axis nor a field")
+        out.append(str(names[field]))
+    return "".join(out)
 
 
 _NAME_DEFAULTS = {"delegate": BuildConfig.delegate, "quant": QuantConfig.scheme}  # so names can use them
@@ -178,7 +285,7 @@ def _list(doc: dict, key: str, problems: list[str]) -> list:
 def _check_keys(label: str, mapping: dict, allowed, problems: list[str]) -> None:
     for key in mapping:
         if key not in allowed:
-            problems.append(f"{label}: unknown key '{key}'")
+            problems.append(f"{label}: unknown key '{short(key, 60)}'")
 
 
 def _check_types(label: str, mapping: dict, types: dict[str, FieldType], problems: list[str]) -> bool:
@@ -186,13 +293,13 @@ def _check_types(label: str, mapping: dict, types: dict[str, FieldType], problem
     for key, value in mapping.items():
         want = types.get(key)
         if want is not None and not want.accepts(value):
-            problems.append(f"{label}: key '{key}' must be {want.describe()}, but got {value!r}")
+            problems.append(f"{label}: key '{key}' must be {want.describe()}, but got {short(repr(value), 80)}")
             ok = False
     return ok
 
 
 def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str]) -> Target | None:
-    label = f"target '{name}'"
+    label = f"target '{short(name, 80)}'"
     _check_keys(label, fields_, TARGET_KEYS, problems)
     build_fields = {k: v for k, v in fields_.items() if k in FIELDS}
     ok = _check_types(label, build_fields, {k: f.type for k, f in FIELDS.items()}, problems)
@@ -202,7 +309,7 @@ def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str
         return None
     rel = PurePosixPath(out)
     if rel.is_absolute() or ".." in rel.parts or os.path.isabs(out):
-        problems.append(f"{label}: key 'out' ({out}) escapes the output root; use a path inside it")
+        problems.append(f"{label}: key 'out' ({short(out, 80)}) escapes the output root; use a path inside it")
         return None
     validate = _validate_config(label, fields_.get("validate"), path, problems)
     if not ok:
@@ -216,7 +323,7 @@ def _target(name: str, fields_: dict, path: Path, root: Path, problems: list[str
     try:
         cfg = build_config(root / rel, force=True, **build_fields)
     except ConfigError as e:
-        problems.append(f"{label}: {e}")
+        problems.append(f"{label}: {short(e, 300)}")
         return None
     return Target(name, rel.as_posix(), cfg, validate, dict(fields_))
 
@@ -239,7 +346,7 @@ def _validate_config(label: str, value, path: Path, problems: list[str]) -> Vali
     try:
         return ValidateConfig(gates=gates, **options)
     except ConfigError as e:
-        problems.append(f"{label} validate: {e}")
+        problems.append(f"{label} validate: {short(e, 300)}")
         return None
 
 
