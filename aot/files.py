@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aot.errors import CheckpointError, OutputError
 
+MAX_JSON_BYTES = 16 << 20  # config.json, params.json, shard indexes, tokenizer_config.json: KBs each
 CHUNK = 1 << 22  # 4 MiB reads: hashing a 6 GiB checkpoint never holds more than this
 
 
@@ -52,9 +53,34 @@ def read_json_object(file: Path) -> dict:
     """A JSON file that must hold an object (a checkpoint's config.json, params.json, shard index,
     tokenizer_config.json); one line (CheckpointError) when it is unreadable or not an object."""
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not readable JSON ({e}); re-download or fix the file") from None
+        with open(file, "rb") as f:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{file}: not a regular file; re-download or fix it")
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{file}: larger than {MAX_JSON_BYTES >> 20} MiB, which no config file is; "
+                                  "re-download or fix it")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{file}: not readable JSON ({reason}); re-download or fix the file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_inside(folder: Path, files) -> None:
+    """Every file the checkpoint is read from lies inside its folder once symlinks are followed;
+    in the Hugging Face cache (models--ORG--NAME/snapshots/REV/FILE -> ../../blobs/SHA) inside the
+    repo's folder. A link to /etc or another user's home is refused before it is opened."""
+    real = folder.resolve()
+    roots = [real]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent.resolve())
+    for f in files:
+        target = Path(os.path.realpath(f))
+        if not any(target == r or r in target.parents for r in roots):
+            raise CheckpointError(f"{f}: links outside the checkpoint folder (to {str(target)[:120]}); copy the "
+                                  "file into the folder")
+        if not target.is_file():
+            raise CheckpointError(f"{f}: not a regular file; re-download it")

@@ -3,12 +3,12 @@ runners load it (pytorch-tokenizers' C++ classes), and the source of the bos/eos
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from aot.chatformat import ChatFormat, find_chat_format
-from aot.errors import CheckpointError
+from aot.errors import CheckpointError, short
+from aot.files import check_inside, read_json_object
 from aot.native import native_output_silenced
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -37,14 +37,25 @@ def find_tokenizer(checkpoint_dir: Path | None, given: Path | None) -> Path | No
         return None
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
+            check_inside(checkpoint_dir, [checkpoint_dir / name])
             return checkpoint_dir / name
     raise CheckpointError(
         f"--checkpoint {checkpoint_dir}: no tokenizer.json or tokenizer.model inside; pass --tokenizer FILE"
     )
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # Llama 3's tokenizer.json is 8.7 MiB, its tokenizer.model 2.1 MiB
+
+
 def load_tokenizer(path: Path):
     """(tokenizer, kind) using the classes ExecuTorch's C++ runner uses."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    if not path.is_file() or size > MAX_TOKENIZER_BYTES:
+        raise CheckpointError(f"{path}: {'not a regular file' if not path.is_file() else f'{size >> 20} MiB'}; a "
+                              f"tokenizer is a file of at most {MAX_TOKENIZER_BYTES >> 20} MiB (Llama 3's is 9 MiB)")
     with native_output_silenced():  # the C++ library logs to fd 2 when it loads
         from pytorch_tokenizers import CppHFTokenizer, CppSPTokenizer, CppTiktoken
 
@@ -102,16 +113,22 @@ def _generation_ids(checkpoint_dir: Path) -> dict:
         file = checkpoint_dir / name
         if not file.is_file():
             continue
-        try:
-            cfg = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: not readable JSON ({e})") from None
-        if isinstance(cfg.get("bos_token_id"), int):
-            out["bos"] = cfg["bos_token_id"]
-        eos = cfg.get("eos_token_id")
-        if isinstance(eos, int):
+        cfg = read_json_object(file)
+        bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+        if _is_id(bos):
+            out["bos"] = bos
+        elif bos is not None and not (isinstance(bos, list) and not bos):
+            raise CheckpointError(f"{file}: bos_token_id must be a token id (an int), but got {short(repr(bos), 60)}")
+        if _is_id(eos):
             out["eos"] = [eos]
-        elif isinstance(eos, list) and eos and all(isinstance(e, int) for e in eos):
+        elif isinstance(eos, list) and eos and all(_is_id(e) for e in eos):
             out["eos"] = list(eos)
+        elif eos is not None and eos != []:
+            raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them, but got "
+                                  f"{short(repr(eos), 60)}")
     return out
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 

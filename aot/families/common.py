@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from aot.errors import short
 from aot.tokenizer import LLAMA3_BOS, LLAMA3_EOS, TokenizerInfo
 
 LLAMA3_VOCAB = 128_256  # Llama 3's tokenizer (text and vision); its special ids are known without one
@@ -106,9 +107,11 @@ def special_ids(bos_flag: int | None, eos_flag: Sequence[int] | None, tok: Token
         eos = LLAMA3_EOS if eos is None else eos
     if bos is None or eos is None:
         return None, None, ["no tokenizer to take bos/eos ids from: pass --bos-id and --eos-id"]
-    bad = [i for i in (bos, *eos) if i >= vocab_size]
+    bad = [i for i in (bos, *eos) if not 0 <= i < vocab_size]
     if bad:
-        return None, None, [f"bos/eos id(s) {bad} are outside the model's vocab ({vocab_size}); fix --bos-id/--eos-id"]
+        where = ("--bos-id/--eos-id" if bos_flag is not None or eos_flag is not None
+                 else "the checkpoint's generation_config.json/config.json (or pass --bos-id/--eos-id)")
+        return None, None, [f"bos/eos id(s) {short(bad, 80)} are outside the model's vocab ({vocab_size}); fix {where}"]
     return int(bos), tuple(int(e) for e in eos), []
 
 

@@ -8,6 +8,7 @@ by name and shape; every missing, extra or mis-shaped tensor is reported togethe
 
 from __future__ import annotations
 
+import math
 import pickle
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from aot.errors import CheckpointError, ConfigError
-from aot.files import read_json_object
+from aot.errors import CheckpointError, ConfigError, short
+from aot.files import check_inside, read_json_object
 from aot.families.text.model import ModelArgs, RopeScaling, Transformer
 from aot.adapters import Adapter, open_qlora
 from aot.quant.prequantized import Prequantized, detect, load_quantized
@@ -73,13 +74,19 @@ def _open_hf(path: Path) -> Checkpoint:
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise CheckpointError(f"{cfg_file}: {key}=true is not a Llama 3.2 layout and is not supported")
+    _check_sizes(cfg, cfg_file, HF_SIZES, ("num_key_value_heads",))
     dim, n_heads = _require(cfg, "hidden_size", cfg_file), _require(cfg, "num_attention_heads", cfg_file)
+    _check_heads(cfg_file, dim, n_heads, cfg.get("num_key_value_heads") or n_heads,
+                 ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    _check_floats(cfg, cfg_file, ("rms_norm_eps", "rope_theta"))
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise CheckpointError(f"{cfg_file}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
     # Published 3.2 repos keep rope_theta/rope_scaling at the top level; transformers 5 writes
     # them under rope_parameters.
     rope = dict(cfg.get("rope_parameters") or {})
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10_000.0))
+    if not _positive_number(theta):
+        raise CheckpointError(f"{cfg_file}: rope_theta must be a positive finite number, but got {short(repr(theta), 40)}")
     scaling = rope if rope.get("rope_type") not in (None, "default") else (cfg.get("rope_scaling") or {})
     args = _make_args(
         cfg_file,
@@ -97,7 +104,14 @@ def _open_hf(path: Path) -> Checkpoint:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _require(read_json_object(index), "weight_map", index)
-        files = tuple(path / name for name in sorted(set(weight_map.values())))
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        names = sorted(set(weight_map.values()))
+        bad = [n for n in names if not _plain_name(n)]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map names {short(repr(bad[0]), 80)}, outside the checkpoint "
+                                  "folder; shards are file names inside it")
+        files = tuple(path / name for name in names)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) that are missing: {', '.join(missing)}")
@@ -108,6 +122,8 @@ def _open_hf(path: Path) -> Checkpoint:
     if not files:
         raise CheckpointError(f"--checkpoint {path}: config.json found but no *.safetensors weights")
     extra = tuple(f for f in (path / "generation_config.json",) if f.is_file())
+    check_inside(path, config_files + extra + files)
+    _check_claims(cfg_file, args, files)
     return Checkpoint(path, HF, args, files, config_files + extra)
 
 
@@ -118,14 +134,15 @@ def _hf_rope_scaling(scaling: dict, file: Path) -> RopeScaling | None:
     if kind != "llama3":
         raise CheckpointError(f"{file}: rope type '{kind}' is not supported; Llama 3.2 uses 'llama3'")
     try:
-        return RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_context=int(scaling["original_max_position_embeddings"]),
-        )
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        values = [scaling[k] for k in keys]
     except KeyError as e:
         raise CheckpointError(f"{file}: llama3 rope scaling lacks {e}") from None
+    for k, v in zip(keys, values):
+        if not _positive_number(v) or (k == "original_max_position_embeddings" and int(v) != v):
+            raise CheckpointError(f"{file}: rope scaling {k} must be a positive number, but got {short(repr(v), 40)}")
+    return RopeScaling(factor=float(values[0]), low_freq_factor=float(values[1]), high_freq_factor=float(values[2]),
+                       original_context=int(values[3]))
 
 
 def _hf_to_meta_name(name: str, args: ModelArgs) -> tuple[str, Callable | None] | None:
@@ -197,7 +214,11 @@ def _open_meta(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"--checkpoint {path}: Meta's original Llama 3.2 Vision layout is not read; convert it to the "
             "Hugging Face layout with transformers' convert_mllama_weights_to_hf.py (or download the HF release)")
+    _check_sizes(p, params_file, META_SIZES, ("n_kv_heads", "ffn_dim", "multiple_of"))
+    _check_floats(p, params_file, ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scale_factor"))
     dim = _require(p, "dim", params_file)
+    heads = _require(p, "n_heads", params_file)
+    _check_heads(params_file, dim, heads, p.get("n_kv_heads") or heads, ("dim", "n_heads", "n_kv_heads"))
     if "ffn_dim" in p:
         hidden = int(p["ffn_dim"])
     else:  # Meta's rule: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of
@@ -214,6 +235,7 @@ def _open_meta(path: Path) -> Checkpoint:
             "aot reads single-file Meta checkpoints (Llama 3.2 1B/3B ship as one)"
         )
     n_heads = _require(p, "n_heads", params_file)
+    check_inside(path, (params_file, *files))
     sd = _load_pickle(files[0])
     prequantized = detect(sd, p, files[0])
     args = _make_args(
@@ -279,6 +301,57 @@ def _iter_meta(ckpt: Checkpoint, sd: dict) -> Iterator[tuple[str, Callable[[], t
 
 
 # ---- shared ---------------------------------------------------------------------------------
+
+# The architecture's sizes a config may claim: (lowest, highest). The highest are far past any
+# Llama (90B: 8192 wide, 100 layers, 64 heads, 28672 ffn, 128256 vocab) and keep a hostile config
+# from sizing a model, a rope table or a preflight estimate from 10^12.
+HF_SIZES = {"hidden_size": (1, 1 << 16), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+            "num_key_value_heads": (1, 1024), "vocab_size": (1, 1 << 22), "intermediate_size": (1, 1 << 20)}
+META_SIZES = {"dim": (1, 1 << 16), "n_layers": (1, 1024), "n_heads": (1, 1024), "n_kv_heads": (1, 1024),
+              "vocab_size": (1, 1 << 22), "ffn_dim": (1, 1 << 20), "multiple_of": (1, 1 << 16)}
+MIN_BYTES_PER_PARAM = 0.5  # int4, the narrowest a checkpoint stores
+
+
+def _check_sizes(cfg: dict, file: Path, sizes: dict, optional: tuple) -> None:
+    for key, (lo, hi) in sizes.items():
+        if key not in cfg or (key in optional and cfg[key] is None):
+            continue  # _require names the missing ones
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise CheckpointError(f"{file}: {key} must be an integer from {lo} to {hi}, but got {short(repr(v), 40)}; "
+                                  "this is not a Llama config")
+
+
+def _check_heads(file: Path, dim: int, n_heads: int, n_kv: int, names: tuple) -> None:
+    if dim % n_heads:
+        raise CheckpointError(f"{file}: {names[0]} ({dim}) is not a multiple of {names[1]} ({n_heads})")
+    if n_heads % n_kv:
+        raise CheckpointError(f"{file}: {names[1]} ({n_heads}) is not a multiple of {names[2]} ({n_kv})")
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_floats(cfg: dict, file: Path, keys: tuple) -> None:
+    for key in keys:
+        if cfg.get(key) is not None and not _positive_number(cfg[key]):
+            raise CheckpointError(f"{file}: {key} must be a positive finite number, but got {short(repr(cfg[key]), 40)}")
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _check_claims(file: Path, args: ModelArgs, weight_files) -> None:
+    """The parameters the config claims fit in the bytes the weight files hold (at int4 at least),
+    so a config that says a million layers is refused before anything is sized from it."""
+    on_disk = sum(f.stat().st_size for f in weight_files)
+    claimed = args.num_params()
+    if claimed * MIN_BYTES_PER_PARAM > on_disk * 1.05 + (1 << 20):
+        raise CheckpointError(f"{file}: describes {claimed:,} parameters, but the weight files hold {on_disk:,} bytes; "
+                              "the config does not match these weights")
+
 
 
 def _make_args(file: Path, **kw) -> ModelArgs:
