@@ -137,6 +137,9 @@ def open_image(path: Path, max_pixels: int = MAX_PIXELS):
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"--image {path}: cannot be opened ({e})") from None
     w, h = image.size
+    if getattr(image, "is_animated", False):  # (n_frames would walk every frame of a hostile file)
+        raise ValueError(f"--image {path}: animated (more than one frame); give a still image (a PNG or JPEG of "
+                         "the frame to describe)")
     if w < 1 or h < 1 or w * h > max_pixels:
         raise ValueError(f"--image {path}: {w} x {h} pixels is outside 1 .. {max_pixels:,} pixels; "
                          "downscale it first (it would only be resized to at most 4 tiles anyway)")
