@@ -31,7 +31,18 @@ from aot.errors import AotError, ConfigError
 from aot.native import native_output_silenced
 from aot.runner.chat import ChatOptions, ChatSession, ChatTurn, OnText
 from aot.runner.mllama import is_vision_bundle
-from aot.serve_api import SSE_DONE, ApiError, ChatRequest, CompletionRequest, Reply, ServeConfig, create_app, sse
+from aot.serve_api import (
+    SSE_DONE,
+    STALL_S,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    ServeConfig,
+    create_app,
+    sse,
+    stall_limit,
+)
 
 log = logging.getLogger("uvicorn.error")
 Run = Callable[[ChatSession, "OnText | None", Callable[[], bool]], ChatTurn]
@@ -44,8 +55,9 @@ class Job:
     """One request's generation, shared by the event loop and the worker thread: the worker posts
     (kind, value) events (started, text, done, error) into the loop's queue."""
 
-    def __init__(self, run: Run, stream: bool):
-        self.run, self.stream = run, stream
+    def __init__(self, run: Run, stream: bool, stall: float = STALL_S):
+        self.run, self.stream, self.stall = run, stream, stall
+        self.unsent = 0.0  # seconds the loop has not managed to write the stream (a client not reading)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()  # the client went away, timed out, or the server stops
@@ -60,7 +72,13 @@ class Job:
         loop could write this piece only after the next token's forward: wait until it is written."""
         self.sent.clear()
         self.post("text", piece)
-        self.sent.wait(HANDOFF_S)
+        if self.sent.wait(HANDOFF_S):
+            self.unsent = 0.0
+            return
+        self.unsent += HANDOFF_S
+        if self.unsent >= self.stall:  # the client stopped reading: it holds the bundle no longer
+            log.warning("aot serve: a stream was not read for %.0f s; its generation is cancelled", self.unsent)
+            self.cancel.set()
 
 
 class Worker(threading.Thread):
@@ -214,7 +232,7 @@ class Service:
         return lambda session, on_text, cancelled: complete(session, prompt, opts, on_text, cancelled)
 
     async def respond(self, request: Request, run: Run, stream: bool, reply: Reply, include_usage: bool) -> Response:
-        job = Job(run, stream)
+        job = Job(run, stream, stall_limit(self.cfg))
         self.worker.submit(job)
         watch = asyncio.ensure_future(_disconnected(request))
         try:

@@ -10,6 +10,7 @@ generations on the bundle.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -20,10 +21,12 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from aot import __version__
 from aot.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -315,15 +318,33 @@ def usage(turn: ChatTurn) -> dict:
 # ---- the app --------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) past `limit` bytes, before it is all read when Content-Length says so."""
+STALL_S = 30.0  # a body that stops arriving, or a stream nobody reads, is dropped after this long
+# (--request-timeout, when it is set and shorter)
+
+
+def stall_limit(cfg: ServeConfig) -> float:
+    return min(cfg.request_timeout, STALL_S) if cfg.request_timeout else STALL_S
+
+
+async def read_body(request: Request, limit: int, stall: float = STALL_S) -> bytes:
+    """The body, refused (413) past `limit` bytes, before it is all read when Content-Length says so;
+    408 when the client stops sending it for `stall` seconds (a slow client holds a connection, never
+    the bundle)."""
     too_large = ApiError(413, f"the request body is larger than {limit} bytes (--max-request-bytes)",
                          code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), stall)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body stopped arriving for {stall:g} s; send it whole",
+                           code="timeout") from None
         body += chunk
         if len(body) > limit:
             raise too_large
@@ -331,7 +352,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="aot serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json describes the API as it is, request bodies included (the routes read their own
+    # bodies to cap their size first, so FastAPI cannot infer them): what clients generate from and
+    # what schemathesis fuzzes (tests/test_untrusted_serve.py).
+    app = FastAPI(title="aot serve", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     key = service.cfg.api_key.encode() if service.cfg.api_key else None
 
     async def authorize(request: Request) -> None:  # async: FastAPI runs a sync one on a thread pool
@@ -354,15 +378,15 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         return service.card
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=_body_schema(ChatRequest), responses=_RESPONSES)
     async def chat_completions(request: Request) -> Response:
-        req = parse(ChatRequest, await read_body(request, service.cfg.max_request_bytes))
+        req = parse(ChatRequest, await read_body(request, service.cfg.max_request_bytes, stall_limit(service.cfg)))
         reply = Reply("chat", service.model, service.fingerprint)
         return await service.respond(request, service.chat(req), req.stream, reply, req.include_usage)
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=_body_schema(CompletionRequest), responses=_RESPONSES)
     async def completions(request: Request) -> Response:
-        req = parse(CompletionRequest, await read_body(request, service.cfg.max_request_bytes))
+        req = parse(CompletionRequest, await read_body(request, service.cfg.max_request_bytes, stall_limit(service.cfg)))
         reply = Reply("text", service.model, service.fingerprint)
         return await service.respond(request, service.completion(req), req.stream, reply, req.include_usage)
 
@@ -391,4 +415,32 @@ def create_app(service: Service) -> FastAPI:
     async def crashed(_, e: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error ({type(e).__name__})", "server_error"), status_code=500)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatRequest, CompletionRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            if key is not None:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in schema["paths"].items():
+                    if path.startswith("/v1/"):
+                        for op in ops.values():
+                            op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+_ERROR = {"description": "an OpenAI error body: {error: {message, type, param, code}}",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["error"]}}}}
+_RESPONSES = {400: _ERROR, 401: _ERROR, 404: _ERROR, 408: _ERROR, 413: _ERROR, 429: _ERROR, 503: _ERROR}

@@ -302,7 +302,7 @@ def test_listening_beyond_loopback_needs_an_api_key(monkeypatch, tmp_path):
 
 class FakeSession:
     """What aot.serve uses of a ChatSession: "Hello" in two pieces; "boom" fails; "hold" writes x
-    until cancelled or released."""
+    until cancelled or released ("flood": 64 KiB pieces of x)."""
 
     max_context_len, vocab_size = 64, 100
 
@@ -315,10 +315,11 @@ class FakeSession:
         last, pieces = messages[-1]["content"], []
         if last == "boom":
             raise RuntimeError("boom")
-        while last == "hold" and not cancelled() and not self.release.wait(0.01):
-            pieces.append("x")
-            on_text and on_text("x")
-        if last != "hold":
+        while last in ("hold", "flood") and not cancelled() and not self.release.wait(0.01):
+            piece = "x" if last == "hold" else "x" * 65536
+            pieces.append(piece)
+            on_text and on_text(piece)
+        if last not in ("hold", "flood"):
             for p in ("Hel", "lo"):
                 pieces.append(p)
                 on_text and on_text(p)
