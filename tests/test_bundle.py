@@ -9,7 +9,7 @@ import pytest
 from aot.bundle import BUNDLE_JSON, Staging, read_bundle, verify_bundle
 from aot.errors import BundleError, OutputError
 
-MANIFEST = {"format": "aot-bundle", "format_version": 1}
+MANIFEST = {"format": "aot-bundle", "format_version": 1, "model": {"name": "t"}, "export": {"max_context_len": 64}}
 
 
 def stage(out, force=False, content=b"program"):
