@@ -97,16 +97,6 @@ HOSTILE = {
 }
 
 
-def _load(tmp_path, raw: bytes):
-    path = tmp_path / "test.img"
-    path.write_bytes(raw)
-    tracemalloc.start()
-    try:
-        return load_image(path, SPEC), tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
 def test_hostile_images_are_one_line_and_exit_14(tmp_path, case):
     raw, needle = HOSTILE[case]
