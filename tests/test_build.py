@@ -147,7 +147,7 @@ def test_inspect_verifies_and_refuses_tampered_bundles(bundle_8da4w, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1  # inspect prints no progress
 
 
-@pytest.mark.e2e
+@pytest.mark.heavy  # 44 s; make test-all (CI keeps under 20 min)
 @pytest.mark.oracle
 def test_bf16_bundle_runs_close_to_fp32(hf_ckpt, tmp_path):
     from conftest import _build

@@ -90,7 +90,7 @@ def test_build_skip_rebuild_and_reproduce(hf_ckpt, tmp_path):
     assert not (root / "release.json").exists()
 
 
-@pytest.mark.e2e
+@pytest.mark.heavy  # 55 s; make test-all (CI keeps under 20 min)
 def test_failing_target_does_not_stop_the_others_unless_fail_fast(hf_ckpt, tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(f"""

@@ -143,6 +143,7 @@ def measure_rss(pte: Path, context: int, chunk: int) -> dict:
     return {"at_load": r["loaded"] - r["before"], "filled": r["filled"] - r["before"]}
 
 
+@pytest.mark.heavy  # 55 s; make test-all (CI keeps under 20 min)
 def test_rss_at_load_and_after_the_whole_context_is_the_plan(long_bundle_fp32):
     """What is checkable: ExecuTorch allocates and zero-fills the planned arenas when the method
     loads, so the whole cache is resident before the first token (at least the planned bytes, at

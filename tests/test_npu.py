@@ -80,7 +80,7 @@ def test_static_attention_computes_what_the_custom_ops_do(hf_ckpt):
     assert (torch.cat(rows) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 97 s; make test-all (CI keeps under 20 min)
 def test_qnn_recipe_simulated_on_the_demo_model(no_network):
     def run(scheme):
         result = run_cli("simulate", "--delegate", "qnn", "--model", "demo", "--quant", scheme,

@@ -130,7 +130,7 @@ HOSTILE = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(OPTIONS), data=st.data())
 def test_any_value_of_any_option_gets_one_line_and_a_documented_code(case, data, reached):
     """Random options with random values (numbers in and out of range, hostile strings, paths
@@ -143,7 +143,7 @@ def test_any_value_of_any_option_gets_one_line_and_a_documented_code(case, data,
         _answer([*_base(path), option.opts[-1], data.draw(HOSTILE)], accepted=None)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from([p for p, _ in COMMANDS]), args=st.lists(HOSTILE, max_size=4))
 def test_hostile_arguments_and_unknown_options(path, args, reached):
     _answer([*path, *args], accepted=None)

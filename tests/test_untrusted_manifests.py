@@ -124,7 +124,7 @@ YAML_TEXT = st.recursive(
     max_leaves=30)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=YAML_TEXT, fields=st.dictionaries(
     st.sampled_from(["name", "model", "quant", "group_size", "max_context_len", "eos_ids", "out", "validate",
                      "adapters", "kv_cache", "attention_sink", "device_memory", "checkpoint", "seed"]),
