@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aot.errors import BundleError, ConfigError, DelegateUnavailable, OutputError, short
-from aot.files import sha256_file
+from aot.files import is_int, plain_file_name, read_json, sha256_file
 
 BUNDLE_JSON = "bundle.json"
 BUNDLE_FORMAT = "aot-bundle"
@@ -97,20 +97,11 @@ def read_bundle(path: Path) -> dict:
         raise BundleError(f"{path}: no such bundle directory; give the folder `aot build --out` wrote")
     if not file.is_file():
         raise BundleError(f"{path}: no {BUNDLE_JSON} inside; is this a bundle from `aot build`?")
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{file}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, which no bundle.json is; "
-                              "rebuild the bundle")
-        manifest = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        reason = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())[:160]
-        raise BundleError(f"{file}: not readable JSON ({reason}); rebuild the bundle") from None
+    manifest = read_json(file, BundleError, BUNDLE_JSON, "rebuild the bundle", MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{file}: not an {BUNDLE_FORMAT} manifest; rebuild the bundle")
     version = manifest.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_int(version):
         raise BundleError(f"{file}: format_version must be an integer; rebuild the bundle")
     if version > FORMAT_VERSION:
         raise BundleError(
@@ -130,14 +121,6 @@ _OBJECTS = ("model", "export", "quant", "tokenizer", "image", "checkpoint", "tar
 _REQUIRED = ("model", "export", "files")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _plain(name) -> bool:
-    return isinstance(name, str) and bool(name) and Path(name).name == name and name not in (".", "..") and "\0" not in name
-
-
 def _shape_problem(m: dict) -> str | None:
     for key in _REQUIRED:
         if not isinstance(m.get(key), dict):
@@ -149,9 +132,9 @@ def _shape_problem(m: dict) -> str | None:
     if not isinstance(files, dict) or not files:
         return "'files' must be an object of file entries"
     for name, entry in files.items():
-        if not _plain(name):
+        if not plain_file_name(name):
             return f"file entry {short(repr(name), 60)} is not a plain file name"
-        if not isinstance(entry, dict) or not _is_int(entry.get("bytes")) or entry["bytes"] < 0 \
+        if not isinstance(entry, dict) or not is_int(entry.get("bytes")) or entry["bytes"] < 0 \
                 or not isinstance(entry.get("sha256"), str):
             return f"file entry '{short(name, 60)}' must have integer bytes and a sha256 string"
     if not isinstance(m["model"].get("name"), str):
@@ -159,23 +142,23 @@ def _shape_problem(m: dict) -> str | None:
     if m["model"].get("args") is not None and not isinstance(m["model"]["args"], dict):
         return "model.args must be an object"
     ctx = m["export"].get("max_context_len")
-    if ctx is not None and (not _is_int(ctx) or ctx < 1):
+    if ctx is not None and (not is_int(ctx) or ctx < 1):
         return "export.max_context_len must be a positive integer"
     if m.get("quant") is not None and not isinstance(m["quant"].get("scheme", ""), str):
         return "quant.scheme must be a string"
     tok = m.get("tokenizer")
-    if tok is not None and not (_plain(tok.get("file")) and tok["file"] in files):
+    if tok is not None and not (plain_file_name(tok.get("file")) and tok["file"] in files):
         return "tokenizer.file must name one of the bundle's files"
     data = m.get("data_file")
-    if data is not None and not (_plain(data) and data in files):
+    if data is not None and not (plain_file_name(data) and data in files):
         return "data_file must name one of the bundle's files"
     if m.get("adapters") is not None and not (isinstance(m["adapters"], list)
                                               and all(isinstance(a, dict) for a in m["adapters"])):
         return "adapters must be a list of objects"
-    if m.get("bos_id") is not None and not _is_int(m["bos_id"]):
+    if m.get("bos_id") is not None and not is_int(m["bos_id"]):
         return "bos_id must be an integer"
     eos = m.get("eos_ids")
-    if eos is not None and not (isinstance(eos, list) and all(_is_int(e) for e in eos)):
+    if eos is not None and not (isinstance(eos, list) and all(is_int(e) for e in eos)):
         return "eos_ids must be a list of integers"
     return None
 

@@ -49,24 +49,41 @@ def write_atomically(path: Path, data: str | bytes) -> Path:
     return path
 
 
-def read_json_object(file: Path) -> dict:
-    """A JSON file that must hold an object (a checkpoint's config.json, params.json, shard index,
-    tokenizer_config.json); one line (CheckpointError) when it is unreadable or not an object."""
+def read_json(file: Path, error: type = CheckpointError, what: str = "config file",
+              hint: str = "re-download or fix the file", limit: int = MAX_JSON_BYTES):
+    """The JSON in `file`, read at most `limit` bytes of it (`what`: what such a file is, for the
+    message); every problem one line of `error` ending in `hint`."""
     try:
         with open(file, "rb") as f:
             if not os.path.isfile(file):
-                raise CheckpointError(f"{file}: not a regular file; re-download or fix it")
-            raw = f.read(MAX_JSON_BYTES + 1)
-        if len(raw) > MAX_JSON_BYTES:
-            raise CheckpointError(f"{file}: larger than {MAX_JSON_BYTES >> 20} MiB, which no config file is; "
-                                  "re-download or fix it")
-        data = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise error(f"{file}: not a regular file; {hint}")
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            raise error(f"{file}: larger than {limit >> 20} MiB, which no {what} is; {hint}")
+        return json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, a 5,000-digit int
         reason = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())[:160]
-        raise CheckpointError(f"{file}: not readable JSON ({reason}); re-download or fix the file") from None
+        raise error(f"{file}: not readable JSON ({reason}); {hint}") from None
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (a checkpoint's config.json, params.json, shard index,
+    tokenizer_config.json); one line (CheckpointError) when it is unreadable or not an object."""
+    data = read_json(file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON's true would pass isinstance(value, int))."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def plain_file_name(name) -> bool:
+    """A name that stays in its folder: no separator, not `.` or `..`, no NUL."""
+    return (isinstance(name, str) and bool(name) and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))
 
 
 def check_inside(folder: Path, files) -> None:

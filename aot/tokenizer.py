@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aot.chatformat import ChatFormat, find_chat_format
 from aot.errors import CheckpointError, short
-from aot.files import check_inside, read_json_object
+from aot.files import check_inside, is_int, read_json_object
 from aot.native import native_output_silenced
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -115,20 +115,17 @@ def _generation_ids(checkpoint_dir: Path) -> dict:
             continue
         cfg = read_json_object(file)
         bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
-        if _is_id(bos):
+        if is_int(bos):
             out["bos"] = bos
         elif bos is not None and not (isinstance(bos, list) and not bos):
             raise CheckpointError(f"{file}: bos_token_id must be a token id (an int), but got {short(repr(bos), 60)}")
-        if _is_id(eos):
+        if is_int(eos):
             out["eos"] = [eos]
-        elif isinstance(eos, list) and eos and all(_is_id(e) for e in eos):
+        elif isinstance(eos, list) and eos and all(is_int(e) for e in eos):
             out["eos"] = list(eos)
         elif eos is not None and eos != []:
             raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them, but got "
                                   f"{short(repr(eos), 60)}")
     return out
 
-
-def _is_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 

@@ -10,6 +10,7 @@ import json
 
 from aot.dist.layout import INDEX_FORMAT, INDEX_VERSION, ROLES, is_digest, name_problem
 from aot.errors import IndexInvalid
+from aot.files import is_int
 
 
 def parse_index(raw: bytes, where: str) -> dict:
@@ -28,7 +29,7 @@ def _problem(index: object) -> str | None:
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         return f"not an {INDEX_FORMAT} index"
     version = index.get("format_version")
-    if not _int(version) or version < 1:
+    if not is_int(version) or version < 1:
         return "format_version must be a positive integer"
     if version > INDEX_VERSION:
         return f"format version {version} is newer than this aot reads ({INDEX_VERSION}): upgrade aot"
@@ -66,7 +67,7 @@ def _files_problem(files: object) -> str | None:
         seen.add(f["name"])
         if not is_digest(f.get("sha256")):
             return f"file '{f['name']}': sha256 must be 64 lowercase hex digits, but got {f.get('sha256')!r}"
-        if not _int(f.get("size")) or f["size"] < 0:
+        if not is_int(f.get("size")) or f["size"] < 0:
             return f"file '{f['name']}': size must be a non-negative integer, but got {f.get('size')!r}"
         if f.get("role") not in ROLES:
             return f"file '{f['name']}': role must be one of {', '.join(ROLES)}, but got {f.get('role')!r}"
@@ -86,13 +87,9 @@ def _fields_problem(t: dict) -> str | None:
     abis = device.get("abis")
     if abis is not None and not (isinstance(abis, list) and all(isinstance(a, str) for a in abis)):
         return "device.abis must be a list of strings or null"
-    if not isinstance(context, dict) or not _int(context.get("max_context_len")) or context["max_context_len"] < 1:
+    if not isinstance(context, dict) or not is_int(context.get("max_context_len")) or context["max_context_len"] < 1:
         return "context.max_context_len must be a positive integer"
     at_load = memory.get("at_load_bytes") if isinstance(memory, dict) else None
-    if not isinstance(memory, dict) or not (at_load is None or (_int(at_load) and at_load >= 0)):
+    if not isinstance(memory, dict) or not (at_load is None or (is_int(at_load) and at_load >= 0)):
         return "memory.at_load_bytes must be a non-negative integer or null"
     return None
-
-
-def _int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

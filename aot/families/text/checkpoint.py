@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from aot.errors import CheckpointError, ConfigError, short
-from aot.files import check_inside, read_json_object
+from aot.files import check_inside, is_int, plain_file_name, read_json_object
 from aot.families.text.model import ModelArgs, RopeScaling, Transformer
 from aot.adapters import Adapter, open_qlora
 from aot.quant.prequantized import Prequantized, detect, load_quantized
@@ -107,7 +107,7 @@ def _open_hf(path: Path) -> Checkpoint:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         names = sorted(set(weight_map.values()))
-        bad = [n for n in names if not _plain_name(n)]
+        bad = [n for n in names if not plain_file_name(n)]
         if bad:
             raise CheckpointError(f"{index}: weight_map names {short(repr(bad[0]), 80)}, outside the checkpoint "
                                   "folder; shards are file names inside it")
@@ -217,8 +217,8 @@ def _open_meta(path: Path) -> Checkpoint:
     _check_sizes(p, params_file, META_SIZES, ("n_kv_heads", "ffn_dim", "multiple_of"))
     _check_floats(p, params_file, ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scale_factor"))
     dim = _require(p, "dim", params_file)
-    heads = _require(p, "n_heads", params_file)
-    _check_heads(params_file, dim, heads, p.get("n_kv_heads") or heads, ("dim", "n_heads", "n_kv_heads"))
+    n_heads = _require(p, "n_heads", params_file)
+    _check_heads(params_file, dim, n_heads, p.get("n_kv_heads") or n_heads, ("dim", "n_heads", "n_kv_heads"))
     if "ffn_dim" in p:
         hidden = int(p["ffn_dim"])
     else:  # Meta's rule: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of
@@ -234,7 +234,6 @@ def _open_meta(path: Path) -> Checkpoint:
             f"--checkpoint {path}: {len(files)} consolidated.*.pth shards (model-parallel); "
             "aot reads single-file Meta checkpoints (Llama 3.2 1B/3B ship as one)"
         )
-    n_heads = _require(p, "n_heads", params_file)
     check_inside(path, (params_file, *files))
     sd = _load_pickle(files[0])
     prequantized = detect(sd, p, files[0])
@@ -317,7 +316,7 @@ def _check_sizes(cfg: dict, file: Path, sizes: dict, optional: tuple) -> None:
         if key not in cfg or (key in optional and cfg[key] is None):
             continue  # _require names the missing ones
         v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        if not is_int(v) or not lo <= v <= hi:
             raise CheckpointError(f"{file}: {key} must be an integer from {lo} to {hi}, but got {short(repr(v), 40)}; "
                                   "this is not a Llama config")
 
@@ -337,10 +336,6 @@ def _check_floats(cfg: dict, file: Path, keys: tuple) -> None:
     for key in keys:
         if cfg.get(key) is not None and not _positive_number(cfg[key]):
             raise CheckpointError(f"{file}: {key} must be a positive finite number, but got {short(repr(cfg[key]), 40)}")
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _check_claims(file: Path, args: ModelArgs, weight_files) -> None:
